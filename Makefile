@@ -1,0 +1,43 @@
+# KubeBao entry points. `make test` and `make demo` set up everything they need themselves.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+CARGO ?= cargo
+export KUBEBAO_CACHE ?= $(HOME)/.cache/kubebao
+# One crypto provider, no OpenSSL anywhere: fail the build if something pulls openssl-sys in.
+export OPENSSL_NO_VENDOR := 1
+
+.PHONY: help
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+.PHONY: testbed
+testbed: ## Install/build OpenBao, etcd, kube-apiserver, kube-controller-manager, kubectl into the cache
+	@bash tests/testbed/install.sh openbao etcd kubernetes
+
+.PHONY: build
+build: ## Build every crate (debug)
+	$(CARGO) build --workspace --all-targets
+
+.PHONY: fmt
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+.PHONY: fmt-check
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+.PHONY: lint
+lint: ## Clippy with warnings as errors
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+.PHONY: test
+test: testbed fmt-check lint ## Everything: set up the test bed, then unit and end-to-end tests
+	$(CARGO) test --workspace --no-fail-fast
+
+.PHONY: demo
+demo: testbed ## Run KubeBao end to end on a local test bed until Ctrl-C
+	$(CARGO) run -p kubebao-testbed --bin kubebao-demo
+
+.PHONY: clean-cache
+clean-cache: ## Remove the test bed cache (forces a rebuild of etcd and Kubernetes)
+	rm -rf "$(KUBEBAO_CACHE)"

@@ -1,0 +1,2 @@
+//! KubeBao: The Secrets Store CSI provider.
+fn main() {}

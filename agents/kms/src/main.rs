@@ -1,0 +1,2 @@
+//! KubeBao: The KMS v2 plugin.
+fn main() {}

@@ -1,0 +1,2 @@
+//! KubeBao: The operator.
+fn main() {}

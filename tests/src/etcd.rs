@@ -1,0 +1,89 @@
+//! etcd: the API server's storage, and a raw reader for what is really stored.
+
+use std::path::Path;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+
+use crate::{Binaries, Component, wait_for};
+
+/// A running etcd.
+pub(crate) struct Etcd {
+    /// Held so etcd stops when the test bed does.
+    pub _process: Component,
+    pub client_url: String,
+}
+
+impl Etcd {
+    pub async fn start(bins: &Binaries, dir: &Path) -> Self {
+        let client_port = crate::testbed::free_port();
+        let peer_port = crate::testbed::free_port();
+        let client_url = format!("http://127.0.0.1:{client_port}");
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        let args: Vec<String> = vec![
+            "--name=testbed".into(),
+            format!("--data-dir={}", dir.join("etcd-data").display()),
+            format!("--listen-client-urls={client_url}"),
+            format!("--advertise-client-urls={client_url}"),
+            format!("--listen-peer-urls={peer_url}"),
+            format!("--initial-advertise-peer-urls={peer_url}"),
+            format!("--initial-cluster=testbed={peer_url}"),
+            "--unsafe-no-fsync".into(),
+            "--log-level=warn".into(),
+        ];
+        let mut component = Component::start("etcd", dir, &bins.etcd, &args);
+        let http = reqwest::Client::new();
+        let health = format!("{client_url}/health");
+        wait_for("etcd /health", Duration::from_secs(60), || {
+            let (http, health) = (http.clone(), health.clone());
+            component.assert_running();
+            async move {
+                let body = http
+                    .get(&health)
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .text()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if body.contains("\"health\":\"true\"") {
+                    Ok(())
+                } else {
+                    Err(body)
+                }
+            }
+        })
+        .await;
+        Self {
+            _process: component,
+            client_url,
+        }
+    }
+}
+
+/// Reads the bytes etcd stores under a key (e.g. `/registry/secrets/<ns>/<name>`).
+#[derive(Clone, Debug)]
+pub struct EtcdReader {
+    pub(crate) url: String,
+    pub(crate) http: reqwest::Client,
+}
+
+impl EtcdReader {
+    /// The raw stored value, or None when the key does not exist.
+    pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let body = serde_json::json!({ "key": B64.encode(key) });
+        let resp: serde_json::Value = self
+            .http
+            .post(format!("{}/v3/kv/range", self.url))
+            .json(&body)
+            .send()
+            .await
+            .expect("etcd range request")
+            .json()
+            .await
+            .expect("etcd range response");
+        let value = resp.get("kvs")?.get(0)?.get("value")?.as_str()?;
+        Some(B64.decode(value).expect("etcd value is base64"))
+    }
+}

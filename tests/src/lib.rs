@@ -1,0 +1,29 @@
+//! The KubeBao test bed: real etcd, kube-apiserver, kube-controller-manager and OpenBao,
+//! started as child processes on free loopback ports, for end-to-end tests in every crate.
+//!
+//! ```no_run
+//! # async fn demo() {
+//! let bed = kubebao_testbed::Testbed::shared().await;
+//! let client = bed.client().await;
+//! let ns = bed.namespace("demo").await;
+//! # }
+//! ```
+//!
+//! The binaries come from `make testbed` (see `paths.rs`); a missing one fails the test with
+//! the command that installs it. Every child dies with the test process (see `process.rs`).
+
+mod etcd;
+mod kube_cluster;
+mod openbao;
+mod paths;
+mod pki;
+mod process;
+mod testbed;
+mod wait;
+
+pub use openbao::OpenBaoServer;
+pub use paths::Binaries;
+pub use pki::Pki;
+pub use process::Component;
+pub use testbed::{Testbed, TestbedOptions};
+pub use wait::wait_for;

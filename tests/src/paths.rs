@@ -1,0 +1,83 @@
+//! Where the test bed's binaries are: `KUBEBAO_*` variables, else the `testbed.env` that
+//! `tests/testbed/install.sh` writes into the cache.
+
+use std::path::PathBuf;
+
+/// Paths of the real components.
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    /// OpenBao server/CLI.
+    pub bao: PathBuf,
+    /// etcd.
+    pub etcd: PathBuf,
+    /// kube-apiserver.
+    pub kube_apiserver: PathBuf,
+    /// kube-controller-manager.
+    pub kube_controller_manager: PathBuf,
+    /// kubectl.
+    pub kubectl: PathBuf,
+    /// helm (installed on demand with `tests/testbed/install.sh helm`).
+    pub helm: PathBuf,
+}
+
+fn cache_dir() -> PathBuf {
+    std::env::var_os("KUBEBAO_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+            PathBuf::from(home).join(".cache/kubebao")
+        })
+}
+
+impl Binaries {
+    /// Finds every binary, or panics with what is missing and how to install it.
+    pub fn locate() -> Self {
+        let env_file = cache_dir().join("testbed.env");
+        let from_file: Vec<(String, String)> = std::fs::read_to_string(&env_file)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                l.split_once('=')
+                    .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            })
+            .collect();
+        let get = |key: &str| -> PathBuf {
+            let value = std::env::var(key).ok().or_else(|| {
+                from_file
+                    .iter()
+                    .find(|(k, _)| k == key)
+                    .map(|(_, v)| v.clone())
+            });
+            match value {
+                Some(v) => PathBuf::from(v),
+                None => panic!(
+                    "test bed is not installed: {key} is not set and {} does not name it.\n\
+                     Run `make testbed` (it builds etcd, kube-apiserver and installs OpenBao into the cache).",
+                    env_file.display()
+                ),
+            }
+        };
+        let bins = Self {
+            bao: get("KUBEBAO_BAO"),
+            etcd: get("KUBEBAO_ETCD"),
+            kube_apiserver: get("KUBEBAO_KUBE_APISERVER"),
+            kube_controller_manager: get("KUBEBAO_KUBE_CONTROLLER_MANAGER"),
+            kubectl: get("KUBEBAO_KUBECTL"),
+            helm: get("KUBEBAO_HELM"),
+        };
+        for (name, path) in [
+            ("bao", &bins.bao),
+            ("etcd", &bins.etcd),
+            ("kube-apiserver", &bins.kube_apiserver),
+            ("kube-controller-manager", &bins.kube_controller_manager),
+            ("kubectl", &bins.kubectl),
+        ] {
+            assert!(
+                path.is_file(),
+                "test bed binary {name} is missing at {}. Run `make testbed` to build it.",
+                path.display()
+            );
+        }
+        bins
+    }
+}

