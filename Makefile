@@ -11,8 +11,8 @@ help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 .PHONY: testbed
-testbed: ## Install/build OpenBao, etcd, kube-apiserver, kube-controller-manager, kubectl into the cache
-	@bash tests/testbed/install.sh openbao etcd kubernetes
+testbed: ## Install/build OpenBao, etcd, Kubernetes, helm and the GitOps health checker into the cache
+	@bash tests/testbed/install.sh
 
 .PHONY: build
 build: ## Build every crate (debug)

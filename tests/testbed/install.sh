@@ -28,10 +28,10 @@ with_progress() {
   local what="$1" logfile="$2"; shift 2
   local start=$SECONDS
   ( "$@" ) >"$logfile" 2>&1 &
-  local pid=$!
+  local pid=$! next=$((start + 30))
   while kill -0 "$pid" 2>/dev/null; do
     sleep 1
-    if (( (SECONDS - start) % 30 == 0 )); then log "  … $what: $((SECONDS - start))s"; fi
+    if (( SECONDS >= next )); then log "  … $what: $((SECONDS - start))s"; next=$((next + 30)); fi
   done
   if ! wait "$pid"; then
     tail -n 40 "$logfile" >&2
@@ -124,15 +124,29 @@ install_helm() {
   rm -rf "$dir" && mv "$dir.tmp" "$dir"
 }
 
+# Flux's kstatus and Argo CD's Lua engine, to check our GitOps health contract with their code.
+GITOPS_HEALTH_SRC="$(cd "$(dirname "$0")" && pwd)/gitops-health"
+# Keyed by its source, so an edit rebuilds it.
+GITOPS_HEALTH_DIR="$CACHE/gitops-health-$(cat "$GITOPS_HEALTH_SRC"/{go.mod,go.sum,main.go} | sha256sum | cut -c1-12)"
+install_gitops_health() {
+  local src="$GITOPS_HEALTH_SRC" dir="$GITOPS_HEALTH_DIR"
+  if [ -x "$dir/gitops-health" ]; then log "gitops-health: cached"; return; fi
+  log "gitops-health: building (kstatus from sigs.k8s.io/cli-utils, gopher-lua as in Argo CD)"
+  with_progress "go build gitops-health" "$CACHE/build/gitops-health.log" \
+    sh -c "cd '$src' && go build -trimpath -ldflags '-s -w' -o '$dir.tmp/gitops-health' ."
+  rm -rf "$dir" && mv "$dir.tmp" "$dir"
+}
+
 mkdir -p "$CACHE/build"
-components=("${@:-openbao etcd kubernetes}")
+components=("${@:-openbao etcd kubernetes helm gitops-health}")
 for c in ${components[@]}; do
   case "$c" in
     openbao) install_openbao ;;
     etcd) install_etcd ;;
     kubernetes) install_kubernetes ;;
     helm) install_helm ;;
-    *) die "unknown component '$c' (known: openbao etcd kubernetes helm)" ;;
+    gitops-health) install_gitops_health ;;
+    *) die "unknown component '$c' (known: openbao etcd kubernetes helm gitops-health)" ;;
   esac
 done
 
@@ -144,5 +158,6 @@ KUBEBAO_KUBE_APISERVER=$CACHE/kubernetes-$KUBERNETES_VERSION/kube-apiserver
 KUBEBAO_KUBE_CONTROLLER_MANAGER=$CACHE/kubernetes-$KUBERNETES_VERSION/kube-controller-manager
 KUBEBAO_KUBECTL=$CACHE/kubernetes-$KUBERNETES_VERSION/kubectl
 KUBEBAO_HELM=$CACHE/helm-$HELM_VERSION/helm
+KUBEBAO_GITOPS_HEALTH=$GITOPS_HEALTH_DIR/gitops-health
 ENV
 log "test bed ready: $CACHE/testbed.env"
