@@ -38,6 +38,15 @@ test: testbed fmt-check lint ## Everything: set up the test bed, then unit and e
 demo: testbed ## Run KubeBao end to end on a local test bed until Ctrl-C
 	$(CARGO) run -p kubebao-testbed --bin kubebao-demo
 
+.PHONY: crds
+crds: ## Regenerate crds/ and the chart's copy from the Rust types
+	$(CARGO) run -q -p kubebao-operator -- crd > crds/kubebao.io.yaml
+	cp crds/kubebao.io.yaml charts/kubebao/files/crds/kubebao.io.yaml
+
+.PHONY: manifest
+manifest: testbed ## Regenerate deploy/kubebao.yaml from the chart
+	source "$(KUBEBAO_CACHE)/testbed.env" && deploy/render.sh "$$KUBEBAO_HELM" > deploy/kubebao.yaml
+
 .PHONY: clean-cache
 clean-cache: ## Remove the test bed cache (forces a rebuild of etcd and Kubernetes)
 	rm -rf "$(KUBEBAO_CACHE)"

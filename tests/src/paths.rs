@@ -16,8 +16,10 @@ pub struct Binaries {
     pub kube_controller_manager: PathBuf,
     /// kubectl.
     pub kubectl: PathBuf,
-    /// helm (installed on demand with `tests/testbed/install.sh helm`).
+    /// helm.
     pub helm: PathBuf,
+    /// The GitOps health checker (Flux kstatus + Argo CD Lua), see tests/testbed/gitops-health.
+    pub gitops_health: PathBuf,
 }
 
 fn cache_dir() -> PathBuf {
@@ -64,6 +66,7 @@ impl Binaries {
             kube_controller_manager: get("KUBEBAO_KUBE_CONTROLLER_MANAGER"),
             kubectl: get("KUBEBAO_KUBECTL"),
             helm: get("KUBEBAO_HELM"),
+            gitops_health: get("KUBEBAO_GITOPS_HEALTH"),
         };
         for (name, path) in [
             ("bao", &bins.bao),
@@ -71,6 +74,8 @@ impl Binaries {
             ("kube-apiserver", &bins.kube_apiserver),
             ("kube-controller-manager", &bins.kube_controller_manager),
             ("kubectl", &bins.kubectl),
+            ("helm", &bins.helm),
+            ("gitops-health", &bins.gitops_health),
         ] {
             assert!(
                 path.is_file(),
