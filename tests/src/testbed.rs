@@ -36,6 +36,27 @@ pub(crate) async fn client_from_kubeconfig(path: &Path) -> Client {
     Client::try_from(config).expect("kube client")
 }
 
+/// Starts a process that removes `dir` after this process has exited (or dropped the test
+/// bed) and every process started with `dir` in its command line is gone: the shared test bed
+/// lives in a static, which Rust never drops. `KUBEBAO_KEEP_TESTBED=1` keeps it for debugging.
+fn janitor(dir: &Path) -> std::process::ChildStdin {
+    const SCRIPT: &str = r#"
+cat >/dev/null
+while pgrep -f -- "$1" | grep -qvx "$$"; do sleep 0.2; done
+[ -n "${KUBEBAO_KEEP_TESTBED:-}" ] || rm -rf -- "$1"
+"#;
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(SCRIPT)
+        .arg("janitor")
+        .arg(dir)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start the test bed janitor");
+    child.stdin.take().expect("janitor stdin")
+}
+
 /// What to start.
 #[derive(Clone, Debug)]
 pub struct TestbedOptions {
@@ -56,7 +77,6 @@ impl Default for TestbedOptions {
 
 /// A running test bed. Every child process stops when this is dropped or the process exits.
 pub struct Testbed {
-    dir: tempfile::TempDir,
     bins: Binaries,
     pki: Pki,
     kubeconfig: PathBuf,
@@ -66,6 +86,10 @@ pub struct Testbed {
     controller_manager: Option<Component>,
     openbao: Option<OpenBaoServer>,
     kubernetes_auth: OnceCell<()>,
+    /// Removes the temporary directory once every process using it is gone (see `janitor`).
+    _janitor: std::process::ChildStdin,
+    /// Last field: dropped (removed) after every component above has stopped.
+    dir: tempfile::TempDir,
 }
 
 static SHARED: OnceCell<Testbed> = OnceCell::const_new();
@@ -111,7 +135,6 @@ impl Testbed {
             .controller_manager
             .then(|| start_controller_manager(&bins, &root, &kubeconfig, &pki));
         let mut bed = Testbed {
-            dir,
             bins,
             pki,
             kubeconfig,
@@ -121,6 +144,8 @@ impl Testbed {
             controller_manager,
             openbao,
             kubernetes_auth: OnceCell::new(),
+            _janitor: janitor(&root),
+            dir,
         };
         if bed.controller_manager.is_some() {
             bed.wait_for_controller_manager().await;
