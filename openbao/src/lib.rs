@@ -13,6 +13,7 @@ mod error;
 mod kv;
 mod policy;
 mod secret;
+mod session;
 mod transit;
 
 pub use auth::{Auth, Credentials};
@@ -21,6 +22,7 @@ pub use error::{Error, Result};
 pub use kv::{KvMetadata, KvSecret};
 pub use policy::{PolicyWrite, PolicyWriteOutcome};
 pub use secret::{Secret, SecretString};
+pub use session::{CredentialSource, Session, SessionOptions, SessionStatus};
 pub use transit::{TransitKey, TransitKeyVersion};
 
 /// Installs ring as the process-wide rustls crypto provider. Call first in every `main`

@@ -1,0 +1,290 @@
+//! What the plugin hands the API server and checks when it comes back: the key_id, the
+//! annotations, the associated data and the shape of a Transit ciphertext.
+//!
+//! key_id = `kb1-` + the first 128 bits of SHA-256 over (format tag, Transit mount, key name,
+//! creation time of the key's version 1, key version), hex. Why these inputs:
+//! - version 1's creation time identifies the key *instance*: a key deleted and re-created
+//!   under the same name gets new key_ids, so a key_id is never reused for other key material;
+//! - mount and name tell keys apart within one OpenBao; the OpenBao address is deliberately not
+//!   included, so moving OpenBao behind another DNS name keeps every stored Secret readable;
+//! - hashing hides the topology (mount, key name, version) from anyone reading etcd.
+//!
+//! Decrypt cannot invert the hash; it looks the key_id up among the versions the key snapshot
+//! says are still decryptable, so an unknown key_id is refused before OpenBao is called.
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use sha2::{Digest, Sha256};
+
+/// Prefix of every key_id this plugin issues (format version 1).
+pub const KEY_ID_PREFIX: &str = "kb1-";
+/// Annotation holding the Transit key version (not secret).
+pub const ANNOTATION_KEY_VERSION: &str = "kubebao.io/key-version";
+/// Annotation holding the envelope format (not secret).
+pub const ANNOTATION_FORMAT: &str = "kubebao.io/format";
+/// The envelope format this plugin writes.
+pub const FORMAT: &str = "transit-v1";
+/// Largest plaintext accepted. The API server sends a 32-byte DEK seed; 512 bytes leaves room
+/// while the Transit ciphertext (`vault:vN:` + base64 of nonce‖data‖tag) stays under the
+/// API server's 1 KiB ciphertext limit.
+pub const MAX_PLAINTEXT: usize = 512;
+/// The API server's limit for ciphertext and key_id.
+pub const MAX_CIPHERTEXT: usize = 1024;
+/// The API server's limit for key_id.
+pub const MAX_KEY_ID: usize = 1024;
+/// AES-GCM nonce + tag: a shorter Transit ciphertext is certainly truncated.
+const MIN_RAW_CIPHERTEXT: usize = 12 + 16 + 1;
+
+/// The key identity that key_ids are derived from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyIdentity {
+    /// Transit mount.
+    pub mount: String,
+    /// Key name.
+    pub name: String,
+    /// Creation time of version 1 as OpenBao reports it.
+    pub created_v1: String,
+}
+
+impl KeyIdentity {
+    /// The key_id of `version` of this key.
+    pub fn key_id(&self, version: u64) -> String {
+        let mut h = Sha256::new();
+        for part in [
+            "kubebao-kms/key-id/v1",
+            &self.mount,
+            &self.name,
+            &self.created_v1,
+            &version.to_string(),
+        ] {
+            // Length-prefixed so no two different inputs hash the same.
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part.as_bytes());
+        }
+        let digest = h.finalize();
+        format!("{KEY_ID_PREFIX}{}", hex::encode(&digest[..16]))
+    }
+}
+
+/// True when `key_id` has the shape of a key_id this plugin issues.
+pub fn is_well_formed_key_id(key_id: &str) -> bool {
+    key_id.len() == KEY_ID_PREFIX.len() + 32
+        && key_id.starts_with(KEY_ID_PREFIX)
+        && key_id[KEY_ID_PREFIX.len()..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Associated data for Transit: binds a ciphertext to its key_id and the configured context.
+/// The API server does not tell the plugin which object a DEK belongs to, so the object
+/// itself cannot be bound here (the API server binds DEK-encrypted data to the object path).
+pub fn associated_data(key_id: &str, context: &str) -> Vec<u8> {
+    let mut ad = Vec::with_capacity(64 + context.len());
+    ad.extend_from_slice(b"kubebao-kms/aad/v1\0");
+    ad.extend_from_slice(key_id.as_bytes());
+    ad.push(0);
+    ad.extend_from_slice(context.as_bytes());
+    ad
+}
+
+/// The annotations stored next to a ciphertext (non-secret metadata only).
+pub fn annotations(version: u64) -> BTreeMap<String, Vec<u8>> {
+    BTreeMap::from([
+        (
+            ANNOTATION_KEY_VERSION.to_string(),
+            version.to_string().into_bytes(),
+        ),
+        (ANNOTATION_FORMAT.to_string(), FORMAT.as_bytes().to_vec()),
+    ])
+}
+
+/// Why a Decrypt request was refused before calling OpenBao.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// Empty ciphertext.
+    #[error("ciphertext is empty")]
+    EmptyCiphertext,
+    /// Ciphertext over the limit.
+    #[error("ciphertext is {0} bytes, over the {MAX_CIPHERTEXT}-byte limit")]
+    CiphertextTooLong(usize),
+    /// key_id empty, too long, or not a KubeBao key_id.
+    #[error("key_id is not a KubeBao key_id ({KEY_ID_PREFIX} + 32 hex digits)")]
+    MalformedKeyId,
+    /// Annotations missing, unknown or inconsistent.
+    #[error("annotations: {0}")]
+    Annotations(String),
+    /// Ciphertext not in Transit's format or not for the expected version.
+    #[error("ciphertext: {0}")]
+    Ciphertext(String),
+}
+
+/// Checks annotations against the version the key_id resolved to.
+pub fn check_annotations(
+    annotations: &std::collections::HashMap<String, Vec<u8>>,
+    version: u64,
+) -> Result<(), Refusal> {
+    for key in annotations.keys() {
+        if key != ANNOTATION_KEY_VERSION && key != ANNOTATION_FORMAT {
+            return Err(Refusal::Annotations(format!(
+                "unexpected annotation {key:?}; this plugin writes only {ANNOTATION_KEY_VERSION} and {ANNOTATION_FORMAT}"
+            )));
+        }
+    }
+    let get = |k: &str| {
+        annotations
+            .get(k)
+            .ok_or_else(|| Refusal::Annotations(format!("{k} is missing")))
+    };
+    if get(ANNOTATION_FORMAT)?.as_slice() != FORMAT.as_bytes() {
+        return Err(Refusal::Annotations(format!(
+            "{ANNOTATION_FORMAT} is not {FORMAT:?}"
+        )));
+    }
+    let v = get(ANNOTATION_KEY_VERSION)?;
+    if v.as_slice() != version.to_string().as_bytes() {
+        return Err(Refusal::Annotations(format!(
+            "{ANNOTATION_KEY_VERSION} does not match the key version of the key_id"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks the request sizes and the key_id shape.
+pub fn check_request(ciphertext: &[u8], key_id: &str) -> Result<(), Refusal> {
+    if ciphertext.is_empty() {
+        return Err(Refusal::EmptyCiphertext);
+    }
+    if ciphertext.len() > MAX_CIPHERTEXT {
+        return Err(Refusal::CiphertextTooLong(ciphertext.len()));
+    }
+    if key_id.len() > MAX_KEY_ID || !is_well_formed_key_id(key_id) {
+        return Err(Refusal::MalformedKeyId);
+    }
+    Ok(())
+}
+
+/// Checks that `ciphertext` is a whole Transit ciphertext of `version` and returns it as text.
+pub fn check_ciphertext(ciphertext: &[u8], version: u64) -> Result<&str, Refusal> {
+    let text = std::str::from_utf8(ciphertext)
+        .map_err(|_| Refusal::Ciphertext("not a Transit ciphertext".into()))?;
+    let prefix = format!("vault:v{version}:");
+    let body = text.strip_prefix(&prefix).ok_or_else(|| {
+        Refusal::Ciphertext("not a Transit ciphertext for the key version of the key_id".into())
+    })?;
+    let raw = B64
+        .decode(body)
+        .map_err(|_| Refusal::Ciphertext("truncated or corrupted (not base64)".into()))?;
+    if raw.len() < MIN_RAW_CIPHERTEXT {
+        return Err(Refusal::Ciphertext("truncated".into()));
+    }
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn key() -> KeyIdentity {
+        KeyIdentity {
+            mount: "transit".into(),
+            name: "kms".into(),
+            created_v1: "1700000000".into(),
+        }
+    }
+
+    #[test]
+    fn key_ids_are_stable_well_formed_and_differ_per_version_and_key_instance() {
+        let k = key();
+        assert_eq!(k.key_id(1), k.key_id(1));
+        assert_ne!(k.key_id(1), k.key_id(2));
+        assert!(is_well_formed_key_id(&k.key_id(7)));
+        let recreated = KeyIdentity {
+            created_v1: "1700000001".into(),
+            ..key()
+        };
+        assert_ne!(
+            k.key_id(1),
+            recreated.key_id(1),
+            "a re-created key must get new ids"
+        );
+        let other_mount = KeyIdentity {
+            mount: "transit2".into(),
+            ..key()
+        };
+        assert_ne!(k.key_id(1), other_mount.key_id(1));
+        // No raw topology in the id.
+        let id = k.key_id(3);
+        assert!(!id.contains("transit") && !id.contains("kms") && !id.ends_with('3'));
+        // Golden value: the id must never change across releases (stored Secrets depend on it).
+        assert_eq!(id, "kb1-1eb727f792a8e4c54852a31d577b1fb7");
+        assert_eq!(id.len(), 36);
+    }
+
+    #[test]
+    fn malformed_key_ids_are_refused() {
+        for bad in [
+            "",
+            "kb1-",
+            "kb1-XYZ",
+            "kb2-00000000000000000000000000000000",
+            "kb1-0000000000000000000000000000000G",
+            "kb1-000000000000000000000000000000000",
+        ] {
+            assert!(!is_well_formed_key_id(bad), "{bad:?}");
+        }
+        let long = "a".repeat(2000);
+        assert_eq!(check_request(b"x", &long), Err(Refusal::MalformedKeyId));
+        assert_eq!(
+            check_request(&[0; 1025], &key().key_id(1)),
+            Err(Refusal::CiphertextTooLong(1025))
+        );
+        assert_eq!(
+            check_request(b"", &key().key_id(1)),
+            Err(Refusal::EmptyCiphertext)
+        );
+    }
+
+    #[test]
+    fn annotations_must_be_exactly_ours_and_match_the_version() {
+        let ours: HashMap<String, Vec<u8>> = annotations(4).into_iter().collect();
+        assert_eq!(check_annotations(&ours, 4), Ok(()));
+        assert!(check_annotations(&ours, 5).is_err());
+        let mut extra = ours.clone();
+        extra.insert("evil.example.com/x".into(), b"1".to_vec());
+        assert!(check_annotations(&extra, 4).is_err());
+        let mut missing = ours.clone();
+        missing.remove(ANNOTATION_FORMAT);
+        assert!(check_annotations(&missing, 4).is_err());
+        assert!(check_annotations(&HashMap::new(), 4).is_err());
+        // Every key is a fully qualified name, as the API server requires.
+        assert!(ours.keys().all(|k| k.contains('.') && k.contains('/')));
+    }
+
+    #[test]
+    fn ciphertexts_are_checked_for_version_and_truncation() {
+        let whole = format!("vault:v2:{}", B64.encode([7u8; 60]));
+        assert!(check_ciphertext(whole.as_bytes(), 2).is_ok());
+        assert!(check_ciphertext(whole.as_bytes(), 3).is_err());
+        let cut = &whole[..whole.len() - 3];
+        assert!(check_ciphertext(cut.as_bytes(), 2).is_err());
+        let short = format!("vault:v2:{}", B64.encode([7u8; 20]));
+        assert!(check_ciphertext(short.as_bytes(), 2).is_err());
+        assert!(check_ciphertext(&[0xff, 0xfe], 2).is_err());
+    }
+
+    #[test]
+    fn associated_data_differs_by_key_id_and_context() {
+        let k = key();
+        assert_ne!(
+            associated_data(&k.key_id(1), ""),
+            associated_data(&k.key_id(2), "")
+        );
+        assert_ne!(
+            associated_data(&k.key_id(1), "a"),
+            associated_data(&k.key_id(1), "b")
+        );
+    }
+}
