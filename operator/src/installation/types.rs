@@ -1,0 +1,524 @@
+//! The `KubeBaoInstallation` custom resource: one object that installs KubeBao in a cluster.
+
+use std::collections::BTreeMap;
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The image every KubeBao binary ships in (see the Dockerfile).
+pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/kubebao/kubebao:", env!("CARGO_PKG_VERSION"));
+/// Annotation that requests a Transit key rotation; any new value triggers one rotation.
+pub const ROTATE_ANNOTATION: &str = "kubebao.io/rotate";
+/// Finalizer that removes what the installation installed (never the Transit key).
+pub const FINALIZER: &str = "kubebao.io/installation";
+
+/// KubeBao installed in this cluster: the OpenBao connection, the KMS v2 plugin on every
+/// control-plane node (static pod, written by a node-installer DaemonSet) and the Secrets Store
+/// CSI provider on every node. Cluster-scoped; only one per cluster takes effect.
+#[derive(CustomResource, Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[kube(
+    group = "kubebao.io",
+    version = "v1alpha1",
+    kind = "KubeBaoInstallation",
+    shortname = "kbi",
+    status = "KubeBaoInstallationStatus",
+    doc = "KubeBao installed in this cluster: OpenBao preparation, the KMS v2 plugin on control-plane nodes and the CSI provider on every node.",
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Key Version", type_ = "integer", json_path = ".status.keyVersion"),
+    printcolumn(name = "KMS Nodes", type_ = "string", json_path = ".status.kms.summary"),
+    printcolumn(name = "CSI Nodes", type_ = "string", json_path = ".status.csi.summary"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct KubeBaoInstallationSpec {
+    /// Namespace for the objects the operator creates (node installer, CSI provider, AppRole
+    /// credentials). It must exist. Default `kube-system`, where control-plane add-ons live.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// How to reach OpenBao and how the operator logs in to it.
+    pub openbao: OpenBaoSpec,
+    /// Encryption at rest: the KMS v2 plugin, its Transit key and its rollout.
+    #[serde(default)]
+    pub kms: KmsSpec,
+    /// The Secrets Store CSI provider DaemonSet.
+    #[serde(default)]
+    pub csi: CsiSpec,
+}
+
+/// The OpenBao server.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct OpenBaoSpec {
+    /// OpenBao address as the agents and the operator reach it, e.g. `https://openbao.example.com:8200`.
+    pub address: String,
+    /// PEM CA bundle that signs OpenBao's certificate (in addition to the system roots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
+    /// A Secret holding the PEM CA bundle instead of `caBundle`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeyRef>,
+    /// OpenBao namespace (enterprise-style namespaces), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// How the operator logs in to OpenBao to prepare it.
+    #[serde(default)]
+    pub auth: OperatorAuth,
+}
+
+/// A key in a Secret.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Secret name.
+    pub name: String,
+    /// Secret namespace; default: the installation's `namespace`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Key in the Secret's data.
+    pub key: String,
+}
+
+/// How the operator proves who it is to OpenBao.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct OperatorAuth {
+    /// Kubernetes auth with the operator's own ServiceAccount token (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubernetesAuth>,
+    /// A token in a Secret (bootstrap or tests). Used when set, instead of `kubernetes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret_ref: Option<SecretKeyRef>,
+}
+
+impl Default for OperatorAuth {
+    fn default() -> Self {
+        Self {
+            kubernetes: Some(KubernetesAuth::default()),
+            token_secret_ref: None,
+        }
+    }
+}
+
+/// OpenBao Kubernetes auth for the operator.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct KubernetesAuth {
+    /// Mount path of the Kubernetes auth method.
+    #[serde(default = "default_kubernetes_mount")]
+    pub mount: String,
+    /// OpenBao role of the operator.
+    #[serde(default = "default_operator_role")]
+    pub role: String,
+    /// File holding the operator's ServiceAccount token.
+    #[serde(default = "default_token_path")]
+    pub token_path: String,
+}
+
+impl Default for KubernetesAuth {
+    fn default() -> Self {
+        Self {
+            mount: default_kubernetes_mount(),
+            role: default_operator_role(),
+            token_path: default_token_path(),
+        }
+    }
+}
+
+/// The KMS v2 plugin.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct KmsSpec {
+    /// Install the KMS plugin and its Transit key.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Mount path of the Transit secrets engine (enabled if missing).
+    #[serde(default = "default_transit_mount")]
+    pub transit_mount: String,
+    /// Transit key name (created if missing: not exportable, deletion not allowed).
+    #[serde(default = "default_key_name")]
+    pub key_name: String,
+    /// Transit key type; must support encryption (`aes256-gcm96`, `chacha20-poly1305`, `aes128-gcm96`).
+    #[serde(default = "default_key_type")]
+    pub key_type: String,
+    /// Automatic rotation period of the Transit key as an OpenBao duration (`720h`); `0` turns
+    /// scheduled rotation off. OpenBao refuses periods under one hour.
+    #[serde(default = "default_rotation_period")]
+    pub rotation_period: String,
+    /// The plugin's unix socket on the control-plane host; the EncryptionConfiguration endpoint.
+    #[serde(default = "default_socket_path")]
+    pub socket_path: String,
+    /// Image holding `kubebao-kms` and `kubebao-installer`.
+    #[serde(default = "default_image")]
+    pub image: String,
+    /// Image pull policy.
+    #[serde(default = "default_pull_policy")]
+    pub image_pull_policy: String,
+    /// Resources of the KMS plugin container.
+    #[serde(default = "default_kms_resources")]
+    pub resources: ResourceRequirements,
+    /// Nodes that run the plugin (control-plane nodes; kubeadm labels them like this).
+    #[serde(default = "default_control_plane_selector")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations of the node installer (kubeadm taints control-plane nodes).
+    #[serde(default = "default_control_plane_tolerations")]
+    pub tolerations: Vec<Toleration>,
+    /// Host directory the kubelet reads static-pod manifests from.
+    #[serde(default = "default_manifest_dir")]
+    pub manifest_dir: String,
+    /// Host directory for the plugin's config, credentials and the EncryptionConfiguration.
+    /// Point kube-apiserver's `--encryption-provider-config` at `<configDir>/encryption-config.yaml`.
+    #[serde(default = "default_config_dir")]
+    pub config_dir: String,
+    /// Local port of the plugin's `/healthz`, `/readyz` and `/metrics` (host network, 127.0.0.1).
+    #[serde(default = "default_kms_health_port")]
+    pub health_port: u16,
+    /// AppRole auth mount for the plugin's credentials (enabled if missing).
+    #[serde(default = "default_approle_mount")]
+    pub approle_mount: String,
+    /// Lifetime of the plugin's AppRole secret_id, in seconds; the operator issues a new one
+    /// when a third of it is left.
+    #[serde(default = "default_secret_id_ttl")]
+    pub secret_id_ttl_seconds: u64,
+    /// After a key rotation, once the plugin reports the new key_id, rewrite every Secret so it
+    /// is stored under the new key.
+    #[serde(default)]
+    pub rewrite_after_rotation: bool,
+    /// Secrets rewritten per second during a rewrite.
+    #[serde(default = "default_rewrite_rate")]
+    pub rewrite_per_second: u32,
+    /// How long deletion waits for the node installers to remove their files before the
+    /// objects are deleted anyway, in seconds.
+    #[serde(default = "default_uninstall_grace")]
+    pub uninstall_grace_seconds: u64,
+}
+
+impl Default for KmsSpec {
+    fn default() -> Self {
+        serde_json::from_value(serde_json::json!({})).expect("every KMS field has a default")
+    }
+}
+
+/// The Secrets Store CSI provider.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CsiSpec {
+    /// Run the CSI provider DaemonSet.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Image holding `kubebao-csi`.
+    #[serde(default = "default_image")]
+    pub image: String,
+    /// Image pull policy.
+    #[serde(default = "default_pull_policy")]
+    pub image_pull_policy: String,
+    /// Host directory the Secrets Store CSI driver looks for provider sockets in.
+    #[serde(default = "default_provider_dir")]
+    pub provider_dir: String,
+    /// Resources of the provider container.
+    #[serde(default = "default_csi_resources")]
+    pub resources: ResourceRequirements,
+    /// Nodes that run the provider (default: every Linux node).
+    #[serde(default = "default_linux_selector")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations (default: tolerate everything, so every node that runs pods gets it).
+    #[serde(default = "default_tolerate_all")]
+    pub tolerations: Vec<Toleration>,
+    /// ServiceAccount token audience for OpenBao Kubernetes auth when a SecretProviderClass
+    /// sets none.
+    #[serde(default = "default_audience")]
+    pub audience: String,
+    /// Kubernetes auth mount when a SecretProviderClass sets none.
+    #[serde(default = "default_kubernetes_mount")]
+    pub auth_mount: String,
+    /// Port of the provider's `/healthz` and `/metrics`.
+    #[serde(default = "default_csi_health_port")]
+    pub health_port: u16,
+}
+
+impl Default for CsiSpec {
+    fn default() -> Self {
+        serde_json::from_value(serde_json::json!({})).expect("every CSI field has a default")
+    }
+}
+
+/// What the operator observed and did.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct KubeBaoInstallationStatus {
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// OpenBaoReady, KMSReady, CSIReady, Ready, Reconciling, Stalled.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Latest version of the Transit key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_version: Option<u64>,
+    /// The key_id the KMS plugin reports for that version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    /// When the key was last rotated (RFC 3339, as OpenBao reports the version's creation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rotation: Option<String>,
+    /// The last `kubebao.io/rotate` annotation value acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rotate_request: Option<String>,
+    /// When the plugin's current AppRole secret_id expires (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_id_expires: Option<String>,
+    /// The KMS node installer rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kms: Option<RolloutStatus>,
+    /// The CSI provider rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csi: Option<RolloutStatus>,
+    /// Progress of rewriting Secrets under the new key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<RewriteStatus>,
+}
+
+/// A DaemonSet rollout.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    /// Hash of the rendered configuration (the pods' `kubebao.io/config-hash`).
+    pub config_hash: String,
+    /// Nodes that should run it.
+    pub desired: i32,
+    /// Nodes running the current configuration and ready (installed).
+    pub ready: i32,
+    /// `ready/desired`, for `kubectl get`.
+    pub summary: String,
+}
+
+/// Rewriting Secrets after a rotation.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RewriteStatus {
+    /// The key_id Secrets are being rewritten to.
+    pub key_id: String,
+    /// Secrets in the cluster when the rewrite started.
+    pub total: u64,
+    /// Secrets rewritten so far.
+    pub done: u64,
+    /// Secrets that could not be rewritten (deleted meanwhile are not counted).
+    pub failed: u64,
+    /// True once every Secret was rewritten.
+    pub complete: bool,
+}
+
+/// Compute resources of a container (the Kubernetes `resources` shape, quantities as strings).
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceRequirements {
+    /// Minimum resources, e.g. `cpu: 20m`, `memory: 32Mi`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub requests: BTreeMap<String, String>,
+    /// Maximum resources, e.g. `memory: 128Mi`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub limits: BTreeMap<String, String>,
+}
+
+/// A toleration (the Kubernetes pod `tolerations` shape).
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Toleration {
+    /// Taint key to tolerate; empty with operator `Exists` tolerates every taint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// `Exists` or `Equal` (default `Equal`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator: Option<String>,
+    /// Taint value for operator `Equal`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// `NoSchedule`, `PreferNoSchedule` or `NoExecute`; empty matches every effect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effect: Option<String>,
+    /// For `NoExecute`: how long the pod stays bound after the taint appears.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub toleration_seconds: Option<i64>,
+}
+
+/// A status condition (the `metav1.Condition` shape).
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// `OpenBaoReady`, `KMSReady`, `CSIReady`, `Ready`, `Reconciling` or `Stalled`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// CamelCase reason for the last transition.
+    pub reason: String,
+    /// What is wrong and what to do, or what is done.
+    #[serde(default)]
+    pub message: String,
+    /// When the status last flipped (RFC 3339).
+    pub last_transition_time: String,
+    /// The generation the condition was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_namespace() -> String {
+    "kube-system".into()
+}
+fn default_kubernetes_mount() -> String {
+    "kubernetes".into()
+}
+fn default_operator_role() -> String {
+    "kubebao".into()
+}
+fn default_token_path() -> String {
+    "/var/run/secrets/kubernetes.io/serviceaccount/token".into()
+}
+fn default_transit_mount() -> String {
+    "transit".into()
+}
+fn default_key_name() -> String {
+    "kubebao-kms".into()
+}
+fn default_key_type() -> String {
+    "aes256-gcm96".into()
+}
+fn default_rotation_period() -> String {
+    "720h".into()
+}
+fn default_socket_path() -> String {
+    "/var/run/kubebao/kms.sock".into()
+}
+fn default_image() -> String {
+    DEFAULT_IMAGE.into()
+}
+fn default_pull_policy() -> String {
+    "IfNotPresent".into()
+}
+fn resources(cpu: &str, memory: &str, limit: &str) -> ResourceRequirements {
+    ResourceRequirements {
+        requests: [
+            ("cpu".to_string(), cpu.to_string()),
+            ("memory".to_string(), memory.to_string()),
+        ]
+        .into(),
+        limits: [("memory".to_string(), limit.to_string())].into(),
+    }
+}
+fn default_kms_resources() -> ResourceRequirements {
+    resources("20m", "32Mi", "128Mi")
+}
+fn default_csi_resources() -> ResourceRequirements {
+    resources("20m", "32Mi", "128Mi")
+}
+fn default_control_plane_selector() -> BTreeMap<String, String> {
+    [(
+        "node-role.kubernetes.io/control-plane".to_string(),
+        String::new(),
+    )]
+    .into()
+}
+fn default_linux_selector() -> BTreeMap<String, String> {
+    [("kubernetes.io/os".to_string(), "linux".to_string())].into()
+}
+fn default_control_plane_tolerations() -> Vec<Toleration> {
+    ["node-role.kubernetes.io/control-plane", "node-role.kubernetes.io/master"]
+        .into_iter()
+        .map(|key| Toleration {
+            key: Some(key.into()),
+            operator: Some("Exists".into()),
+            effect: Some("NoSchedule".into()),
+            ..Default::default()
+        })
+        .collect()
+}
+fn default_tolerate_all() -> Vec<Toleration> {
+    vec![Toleration {
+        operator: Some("Exists".into()),
+        ..Default::default()
+    }]
+}
+fn default_manifest_dir() -> String {
+    "/etc/kubernetes/manifests".into()
+}
+fn default_config_dir() -> String {
+    "/etc/kubebao".into()
+}
+fn default_kms_health_port() -> u16 {
+    8787
+}
+fn default_csi_health_port() -> u16 {
+    8788
+}
+fn default_approle_mount() -> String {
+    "approle".into()
+}
+fn default_secret_id_ttl() -> u64 {
+    30 * 24 * 3600
+}
+fn default_rewrite_rate() -> u32 {
+    20
+}
+fn default_uninstall_grace() -> u64 {
+    300
+}
+fn default_provider_dir() -> String {
+    "/var/run/secrets-store-csi-providers".into()
+}
+fn default_audience() -> String {
+    "openbao".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::CustomResourceExt as _;
+
+    #[test]
+    fn the_readme_example_parses_with_kubeadm_defaults() {
+        let spec: KubeBaoInstallationSpec = serde_json::from_value(serde_json::json!({
+            "openbao": {"address": "https://openbao.example.com:8200"}
+        }))
+        .unwrap();
+        assert_eq!(spec.namespace, "kube-system");
+        assert!(spec.kms.enabled && spec.csi.enabled);
+        assert_eq!(spec.kms.manifest_dir, "/etc/kubernetes/manifests");
+        assert_eq!(spec.kms.socket_path, "/var/run/kubebao/kms.sock");
+        assert_eq!(spec.kms.key_name, "kubebao-kms");
+        assert_eq!(
+            spec.kms.node_selector["node-role.kubernetes.io/control-plane"],
+            ""
+        );
+        assert_eq!(spec.openbao.auth.kubernetes.unwrap().role, "kubebao");
+    }
+
+    #[test]
+    fn the_crd_is_cluster_scoped_and_every_field_has_a_description() {
+        let crd = KubeBaoInstallation::crd();
+        assert_eq!(crd.spec.scope, "Cluster");
+        let schema = serde_json::to_value(&crd.spec.versions[0].schema).unwrap();
+        let mut missing = Vec::new();
+        fn walk(path: &str, v: &serde_json::Value, missing: &mut Vec<String>) {
+            if let Some(props) = v.get("properties").and_then(|p| p.as_object()) {
+                for (k, p) in props {
+                    let here = format!("{path}.{k}");
+                    if p.get("description").is_none() {
+                        missing.push(here.clone());
+                    }
+                    walk(&here, p, missing);
+                }
+            }
+            if let Some(items) = v.get("items") {
+                walk(path, items, missing);
+            }
+        }
+        let spec = &schema["openAPIV3Schema"]["properties"]["spec"];
+        let status = &schema["openAPIV3Schema"]["properties"]["status"];
+        walk("spec", spec, &mut missing);
+        walk("status", status, &mut missing);
+        assert!(missing.is_empty(), "fields without a description: {missing:?}");
+    }
+}
