@@ -1,2 +1,396 @@
-//! KubeBao: The operator.
-fn main() {}
+//! KubeBao: The operator. Turns `BaoSecret` and `BaoPolicy` objects into Kubernetes Secrets and
+//! OpenBao policies. See docs/operator.md.
+
+mod api;
+mod baopolicy;
+mod baosecret;
+mod conditions;
+mod context;
+mod hcl;
+mod identity;
+mod leader;
+mod metrics;
+mod server;
+mod tenant;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ObjectMeta, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::watcher;
+use kubebao_openbao::{ClientConfig, OpenBao};
+use tokio::sync::watch;
+
+use crate::api::{BaoPolicy, BaoSecret};
+use crate::context::{Context, Settings, parse_duration};
+use crate::identity::{Identity, IdentitySource};
+use crate::leader::{LeaderLease, LeaseConfig};
+use crate::metrics::Metrics;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kubebao-operator",
+    version,
+    about = "KubeBao operator: BaoSecret and BaoPolicy controllers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print every CRD as YAML (what crds/kubebao.io.yaml holds).
+    Crd,
+    /// Run the controllers (the default).
+    Run,
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// OpenBao address.
+    #[arg(
+        long,
+        env = "KUBEBAO_OPENBAO_ADDR",
+        default_value = "https://openbao.openbao:8200"
+    )]
+    openbao_addr: String,
+    /// PEM CA bundle for OpenBao's certificate.
+    #[arg(long, env = "KUBEBAO_OPENBAO_CA_FILE")]
+    openbao_ca_file: Option<PathBuf>,
+    /// OpenBao namespace.
+    #[arg(long, env = "KUBEBAO_OPENBAO_NAMESPACE")]
+    openbao_namespace: Option<String>,
+    /// The operator's own identity, option 1: OpenBao Kubernetes-auth role for its ServiceAccount.
+    #[arg(long, env = "KUBEBAO_OPERATOR_ROLE")]
+    operator_role: Option<String>,
+    /// ServiceAccount token file used with --operator-role.
+    #[arg(
+        long,
+        env = "KUBEBAO_OPERATOR_JWT_FILE",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    operator_jwt_file: PathBuf,
+    /// Option 2: an OpenBao token in a file.
+    #[arg(long, env = "KUBEBAO_OPENBAO_TOKEN_FILE")]
+    openbao_token_file: Option<PathBuf>,
+    /// Option 3 (bootstrap): an OpenBao token in a Secret `<namespace>/<name>`, key `token`.
+    #[arg(long, env = "KUBEBAO_OPENBAO_TOKEN_SECRET")]
+    openbao_token_secret: Option<String>,
+    /// Kubernetes auth mount (operator login and BaoSecret default).
+    #[arg(long, env = "KUBEBAO_AUTH_MOUNT", default_value = "kubernetes")]
+    auth_mount: String,
+    /// Default audience of BaoSecret ServiceAccount tokens.
+    #[arg(long, env = "KUBEBAO_TOKEN_AUDIENCE", default_value = "openbao")]
+    token_audience: String,
+    /// The operator's namespace (Lease, hash key Secret).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kubebao-system")]
+    namespace: String,
+    /// This replica's name (Lease holder).
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
+    /// File with the key of the status data hash; default: Secret kubebao-operator-hash-key in --namespace (created if absent).
+    #[arg(long, env = "KUBEBAO_HASH_KEY_FILE")]
+    hash_key_file: Option<PathBuf>,
+    /// Address of /metrics, /healthz, /readyz.
+    #[arg(long, env = "KUBEBAO_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Leader election (disable only with a single replica).
+    #[arg(long, env = "KUBEBAO_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// Lease name.
+    #[arg(long, default_value = "kubebao-operator")]
+    lease_name: String,
+    /// Lease duration (a dead leader is replaced after at most this).
+    #[arg(long, default_value = "15s", value_parser = duration)]
+    lease_duration: Duration,
+    /// How often BaoPolicies are compared with OpenBao (drift repair).
+    #[arg(long, default_value = "5m", value_parser = duration)]
+    policy_resync: Duration,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration like 30s, 5m, 1h"))
+}
+
+/// A controller the operator runs while it leads.
+type ControllerFn = fn(Arc<Context>, watch::Receiver<bool>) -> BoxFuture<'static, ()>;
+
+/// Every controller, started in this order. The KubeBaoInstallation controller adds a line.
+const CONTROLLERS: &[(&str, ControllerFn)] = &[
+    ("BaoSecret", run_baosecrets),
+    ("BaoPolicy", run_baopolicies),
+];
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+fn run_baosecrets(ctx: Arc<Context>, stop: watch::Receiver<bool>) -> BoxFuture<'static, ()> {
+    Box::pin(async move {
+        let client = ctx.client.clone();
+        Controller::new(
+            Api::<BaoSecret>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        // Every Secret a BaoSecret writes carries its label, whatever the creation policy,
+        // so edited or deleted Secrets are restored (a superset of `.owns()`).
+        .watches(
+            Api::<Secret>::all(client),
+            watcher::Config::default().labels(baosecret::LABEL),
+            baosecret::secret_to_baosecret,
+        )
+        .graceful_shutdown_on(stopped(stop))
+        .run(
+            baosecret::reconcile,
+            |_, e, _| {
+                tracing::warn!(error = %e, "BaoSecret status update failed; retrying");
+                Action::requeue(Duration::from_secs(5))
+            },
+            ctx,
+        )
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "BaoSecret controller event");
+            }
+        })
+        .await;
+    })
+}
+
+fn run_baopolicies(ctx: Arc<Context>, stop: watch::Receiver<bool>) -> BoxFuture<'static, ()> {
+    Box::pin(async move {
+        Controller::new(Api::<BaoPolicy>::all(ctx.client.clone()), watcher::Config::default())
+            .graceful_shutdown_on(stopped(stop))
+            .run(baopolicy::reconcile, |bp, e, ctx: Arc<Context>| {
+                tracing::warn!(baopolicy = %kube::ResourceExt::name_any(&*bp), error = %e, "BaoPolicy reconcile failed; retrying");
+                Action::requeue(ctx.backoff(&format!("BaoPolicy/{}", kube::ResourceExt::name_any(&*bp))))
+            }, ctx)
+            .for_each(|r| async move {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "BaoPolicy controller event");
+                }
+            })
+            .await;
+    })
+}
+
+async fn hash_key(client: &kube::Client, args: &RunArgs) -> Result<Vec<u8>, String> {
+    if let Some(path) = &args.hash_key_file {
+        return std::fs::read(path)
+            .map_err(|e| format!("cannot read --hash-key-file {}: {e}", path.display()));
+    }
+    let api: Api<Secret> = Api::namespaced(client.clone(), &args.namespace);
+    let name = "kubebao-operator-hash-key";
+    loop {
+        if let Some(s) = api
+            .get_opt(name)
+            .await
+            .map_err(|e| format!("cannot read Secret {}/{name}: {e}", args.namespace))?
+        {
+            if let Some(k) = s.data.and_then(|d| d.get("key").cloned()) {
+                return Ok(k.0);
+            }
+            return Err(format!("Secret {}/{name} has no key `key`", args.namespace));
+        }
+        let mut key = vec![0u8; 32];
+        use std::io::Read;
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut key))
+            .map_err(|e| format!("cannot read /dev/urandom: {e}"))?;
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            data: Some([("key".to_string(), ByteString(key))].into()),
+            ..Default::default()
+        };
+        match api.create(&PostParams::default(), &secret).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => {
+                return Err(format!(
+                    "cannot create Secret {}/{name}: {e}",
+                    args.namespace
+                ));
+            }
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}
+
+async fn run(args: RunArgs) -> Result<(), String> {
+    let client = kube::Client::try_default().await.map_err(|e| {
+        format!("cannot build a Kubernetes client (in-cluster config or KUBECONFIG): {e}")
+    })?;
+    let ca_pem = match &args.openbao_ca_file {
+        Some(p) => Some(
+            std::fs::read(p)
+                .map_err(|e| format!("cannot read --openbao-ca-file {}: {e}", p.display()))?,
+        ),
+        None => None,
+    };
+    let bao = OpenBao::new(&ClientConfig {
+        address: args.openbao_addr.clone(),
+        ca_pem,
+        namespace: args.openbao_namespace.clone(),
+        timeout: None,
+    })
+    .map_err(|e| e.to_string())?;
+    let source = if let Some(path) = &args.openbao_token_file {
+        IdentitySource::TokenFile(path.clone())
+    } else if let Some(s) = &args.openbao_token_secret {
+        let (namespace, name) = s
+            .split_once('/')
+            .ok_or_else(|| format!("--openbao-token-secret {s:?} must be <namespace>/<name>"))?;
+        IdentitySource::TokenSecret {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    } else if let Some(role) = &args.operator_role {
+        IdentitySource::Kubernetes {
+            mount: args.auth_mount.clone(),
+            role: role.clone(),
+            jwt_file: args.operator_jwt_file.clone(),
+        }
+    } else {
+        return Err("no OpenBao identity for the operator: set --operator-role, --openbao-token-file or --openbao-token-secret".into());
+    };
+    let holder = args.pod_name.clone().unwrap_or_else(|| {
+        format!(
+            "{}-{}",
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap_or_default()
+                .trim(),
+            std::process::id()
+        )
+    });
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let server = tokio::spawn(server::serve(
+        args.metrics_addr,
+        server::Probes {
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+        },
+        stopped(stop_rx.clone()),
+    ));
+    let ctx = Arc::new(Context {
+        identity: Identity::new(bao.clone(), client.clone(), source),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "kubebao-operator".into(),
+                instance: Some(holder.clone()),
+            },
+        ),
+        hash_key: hash_key(&client, &args).await?,
+        client: client.clone(),
+        bao,
+        tenants: Default::default(),
+        metrics: metrics.clone(),
+        settings: Settings {
+            auth_mount: args.auth_mount.clone(),
+            token_audience: args.token_audience.clone(),
+            policy_resync: args.policy_resync,
+        },
+        failures: Default::default(),
+        checks: Default::default(),
+    });
+    ready.store(true, Ordering::SeqCst);
+
+    let lease = args.leader_elect.then(|| {
+        LeaderLease::new(
+            client.clone(),
+            LeaseConfig {
+                namespace: args.namespace.clone(),
+                name: args.lease_name.clone(),
+                holder: holder.clone(),
+                duration: args.lease_duration,
+            },
+        )
+    });
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    if let Some(lease) = &lease {
+        tracing::info!(holder = %holder, "waiting for the leader Lease");
+        tokio::select! {
+            _ = lease.acquire() => {},
+            _ = &mut signal => {
+                let _ = stop_tx.send(true);
+                let _ = server.await;
+                return Ok(());
+            }
+        }
+        tracing::info!(holder = %holder, "leading: starting controllers");
+    }
+    metrics.leader.set(1);
+    let mut tasks = Vec::new();
+    for (name, start) in CONTROLLERS {
+        tracing::info!(controller = name, "starting controller");
+        tasks.push(tokio::spawn(start(ctx.clone(), stop_rx.clone())));
+    }
+    let lost = async {
+        match &lease {
+            Some(l) => l.hold().await,
+            None => futures::future::pending().await,
+        }
+    };
+    let result = tokio::select! {
+        _ = &mut signal => { tracing::info!("shutting down"); Ok(()) }
+        _ = lost => Err("lost the leader Lease; exiting so a fresh start can contend again".to_string()),
+    };
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+    }
+    if let (Some(lease), Ok(())) = (&lease, &result) {
+        lease.release().await;
+    }
+    metrics.leader.set(0);
+    let _ = server.await;
+    result
+}
+
+#[tokio::main]
+async fn main() {
+    kubebao_openbao::install_crypto_provider();
+    let cli = Cli::parse();
+    if let Some(Command::Crd) = cli.command {
+        print!("{}", api::all_yaml());
+        return;
+    }
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube=warn".into()),
+        )
+        .init();
+    if let Err(e) = run(cli.run).await {
+        tracing::error!(error = %e, "operator stopped");
+        std::process::exit(1);
+    }
+}
