@@ -1,0 +1,900 @@
+//! End-to-end: the real `kubebao-csi` binary, called over its unix socket exactly as the
+//! Secrets Store CSI driver calls it, against a real OpenBao whose Kubernetes auth verifies
+//! real ServiceAccount tokens with the test bed's API server.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use kube::api::{Api, PostParams};
+use kubebao_proto::csi::csi_driver_provider_client::CsiDriverProviderClient;
+use kubebao_proto::csi::{MountRequest, MountResponse, VersionRequest};
+use kubebao_testbed::{Component, Testbed, wait_for};
+use reqwest::Method;
+use serde_json::{Value, json};
+use tokio::sync::{OnceCell, RwLock};
+use tonic::transport::Channel;
+
+/// Tests hold this for reading; the sealing test holds it for writing (OpenBao is shared).
+static OPENBAO_GATE: RwLock<()> = RwLock::const_new(());
+static SETUP: OnceCell<()> = OnceCell::const_new();
+
+const SEED_OBJECTS: &str = r#"- objectName: "db-password"
+  secretPath: "secret/data/myapp/db"
+  secretKey: "password"
+"#;
+
+/// What the other tests mount (the seed's path belongs to the seed test, which rewrites it).
+const SHARED_OBJECTS: &str = r#"- objectName: "db-password"
+  secretPath: "secret/data/myapp/shared"
+  secretKey: "password"
+"#;
+
+const POLICY: &str = r#"
+path "secret/data/myapp/*" { capabilities = ["read"] }
+path "kv/*" { capabilities = ["read"] }
+path "pki/issue/web" { capabilities = ["create", "update"] }
+path "sys/leases/renew" { capabilities = ["update"] }
+"#;
+
+/// OpenBao as an installation would prepare it: KV v1 and v2, PKI, Kubernetes auth, the
+/// `my-app` role bound to ServiceAccount `app` in any namespace.
+async fn bed() -> &'static Testbed {
+    let bed = Testbed::shared().await;
+    SETUP
+        .get_or_init(|| async {
+            bed.enable_kubernetes_auth().await;
+            let bao = bed.openbao();
+            bao.enable_engine("secret", "kv", Some(2)).await;
+            bao.enable_engine("kv", "kv", Some(1)).await;
+            bao.enable_engine("pki", "pki", None).await;
+            bao.root(
+                Method::POST,
+                "pki/root/generate/internal",
+                Some(json!({"common_name": "kubebao test CA", "ttl": "87600h"})),
+            )
+            .await;
+            bao.root(
+                Method::POST,
+                "pki/roles/web",
+                Some(
+                    json!({"allowed_domains": "example.com", "allow_subdomains": true,
+                            "generate_lease": true, "ttl": "1h", "max_ttl": "1h"}),
+                ),
+            )
+            .await;
+            bao.root(
+                Method::PUT,
+                "sys/policies/acl/my-app",
+                Some(json!({ "policy": POLICY })),
+            )
+            .await;
+            bao.root(
+                Method::POST,
+                "auth/kubernetes/role/my-app",
+                Some(json!({
+                    "bound_service_account_names": ["app"],
+                    "bound_service_account_namespaces": ["*"],
+                    "audience": "openbao",
+                    "token_policies": ["my-app"],
+                    "token_ttl": "1h",
+                })),
+            )
+            .await;
+        })
+        .await;
+    bed
+}
+
+/// A pod as the API server knows it (no kubelet runs it; it stays Pending).
+struct TestPod {
+    namespace: String,
+    name: String,
+    uid: String,
+    service_account: String,
+}
+
+async fn pod(bed: &Testbed, namespace: &str, name: &str, service_account: &str) -> TestPod {
+    bed.service_account(namespace, service_account).await;
+    let api: Api<Pod> = Api::namespaced(bed.client().await, namespace);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"serviceAccountName": service_account,
+                 "containers": [{"name": "app", "image": "registry.example/app:1"}]}
+    }))
+    .unwrap();
+    let created = api.create(&PostParams::default(), &pod).await.unwrap();
+    TestPod {
+        namespace: namespace.into(),
+        name: name.into(),
+        uid: created.metadata.uid.unwrap(),
+        service_account: service_account.into(),
+    }
+}
+
+/// The token the kubelet would hand the driver (CSIDriver `tokenRequests: [{audience: openbao}]`).
+async fn kubelet_token(bed: &Testbed, pod: &TestPod, audience: &str) -> String {
+    let api: Api<ServiceAccount> = Api::namespaced(bed.client().await, &pod.namespace);
+    let req = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![audience.into()],
+            expiration_seconds: Some(3600),
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: Some(pod.name.clone()),
+                uid: Some(pod.uid.clone()),
+            }),
+        },
+        ..Default::default()
+    };
+    api.create_token_request(&pod.service_account, &PostParams::default(), &req)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token
+}
+
+/// `attributes` as the driver builds them: the SecretProviderClass parameters overlaid with
+/// the pod's volume context and, when the CSIDriver asks for them, the ServiceAccount tokens.
+fn driver_attributes(parameters: &[(&str, &str)], pod: &TestPod, token: Option<&str>) -> String {
+    let mut attrs: BTreeMap<String, String> = parameters
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    attrs.insert("secretProviderClass".into(), "kubebao-secrets".into());
+    attrs.insert("csi.storage.k8s.io/ephemeral".into(), "false".into());
+    attrs.insert("csi.storage.k8s.io/pod.name".into(), pod.name.clone());
+    attrs.insert(
+        "csi.storage.k8s.io/pod.namespace".into(),
+        pod.namespace.clone(),
+    );
+    attrs.insert("csi.storage.k8s.io/pod.uid".into(), pod.uid.clone());
+    attrs.insert(
+        "csi.storage.k8s.io/serviceAccount.name".into(),
+        pod.service_account.clone(),
+    );
+    if let Some(token) = token {
+        attrs.insert(
+            "csi.storage.k8s.io/serviceAccount.tokens".into(),
+            json!({"openbao": {"token": token, "expirationTimestamp": "2099-01-01T00:00:00Z"}})
+                .to_string(),
+        );
+    }
+    serde_json::to_string(&attrs).unwrap()
+}
+
+/// A running agent.
+struct Agent {
+    _process: Component,
+    socket: PathBuf,
+    metrics_url: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn agent(bed: &Testbed) -> Agent {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("version.key");
+    std::fs::write(&key, [42u8; 32]).unwrap();
+    start_agent(bed, dir, &key).await
+}
+
+async fn start_agent(bed: &Testbed, dir: tempfile::TempDir, key: &Path) -> Agent {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let providers = dir.path().join("providers");
+    let args = vec![
+        format!("--provider-dir={}", providers.display()),
+        format!("--openbao-addr={}", bed.openbao().addr()),
+        format!("--kubeconfig={}", bed.kubeconfig().display()),
+        "--audience=openbao".to_string(),
+        format!("--object-version-key-file={}", key.display()),
+        format!("--listen=127.0.0.1:{port}"),
+    ];
+    let mut process = Component::start(
+        "kubebao-csi",
+        dir.path(),
+        Path::new(env!("CARGO_BIN_EXE_kubebao-csi")),
+        &args,
+    );
+    let socket = providers.join("kubebao.sock");
+    let s = socket.clone();
+    wait_for("kubebao-csi to serve", Duration::from_secs(30), || {
+        process.assert_running();
+        let s = s.clone();
+        async move {
+            let mut c = connect(&s).await.map_err(|e| e.to_string())?;
+            c.version(VersionRequest {
+                version: "v1alpha1".into(),
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        }
+    })
+    .await;
+    Agent {
+        _process: process,
+        socket,
+        metrics_url: format!("http://127.0.0.1:{port}/metrics"),
+        _dir: dir,
+    }
+}
+
+async fn connect(
+    socket: &Path,
+) -> Result<CsiDriverProviderClient<Channel>, tonic::transport::Error> {
+    let channel = tonic::transport::Endpoint::try_from(format!("unix://{}", socket.display()))?
+        .connect()
+        .await?;
+    Ok(CsiDriverProviderClient::new(channel))
+}
+
+impl Agent {
+    async fn mount(&self, attributes: &str) -> Result<MountResponse, tonic::Status> {
+        let mut client = connect(&self.socket).await.unwrap();
+        client
+            .mount(MountRequest {
+                attributes: attributes.to_string(),
+                secrets: "{}".into(),
+                target_path: "/var/lib/kubelet/pods/x/volumes/kubernetes.io~csi/secrets/mount"
+                    .into(),
+                permission: "420".into(),
+                current_object_version: vec![],
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// A counter's value (0 when never incremented), e.g. `kubebao_csi_logins_total{result="ok"}`.
+    async fn metric(&self, series: &str) -> f64 {
+        let text = reqwest::get(&self.metrics_url)
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0.0)
+    }
+}
+
+fn file<'a>(resp: &'a MountResponse, path: &str) -> &'a kubebao_proto::csi::File {
+    resp.files
+        .iter()
+        .find(|f| f.path == path)
+        .unwrap_or_else(|| {
+            panic!(
+                "no file {path:?} in {:?}",
+                resp.files.iter().map(|f| &f.path).collect::<Vec<_>>()
+            )
+        })
+}
+
+fn version(resp: &MountResponse, id: &str) -> String {
+    resp.object_version
+        .iter()
+        .find(|v| v.id == id)
+        .unwrap_or_else(|| panic!("no version for {id}"))
+        .version
+        .clone()
+}
+
+async fn kv2_put(bed: &Testbed, path: &str, data: Value) {
+    bed.openbao()
+        .root(
+            Method::POST,
+            &format!("secret/data/{path}"),
+            Some(json!({ "data": data })),
+        )
+        .await;
+}
+
+#[tokio::test]
+async fn the_original_plans_secret_provider_class_mounts_and_rotates() {
+    let bed = bed().await;
+    let _gate = OPENBAO_GATE.read().await;
+    kv2_put(
+        bed,
+        "myapp/db",
+        json!({"password": "first-pw", "user": "app"}),
+    )
+    .await;
+    let ns = bed.namespace("seed").await;
+    let pod = pod(bed, &ns, "web", "app").await;
+    let token = kubelet_token(bed, &pod, "openbao").await;
+    let agent = agent(bed).await;
+    // The SecretProviderClass exactly as the original plan writes it.
+    let attrs = driver_attributes(
+        &[("roleName", "my-app"), ("objects", SEED_OBJECTS)],
+        &pod,
+        Some(&token),
+    );
+
+    let first = agent.mount(&attrs).await.expect("seed mount");
+    assert_eq!(first.files.len(), 1);
+    let f = file(&first, "db-password");
+    assert_eq!(f.contents, b"first-pw");
+    assert_eq!(f.mode, 0o644);
+    let v1 = version(&first, "db-password");
+    assert_eq!(
+        agent
+            .metric("kubebao_csi_logins_total{result=\"ok\"}")
+            .await,
+        1.0
+    );
+
+    // A rotation poll within the token's TTL: same version, no login, one KV read.
+    let reads_before = agent
+        .metric("kubebao_csi_openbao_requests_total{kind=\"read\"}")
+        .await;
+    let again = agent.mount(&attrs).await.expect("second mount");
+    assert_eq!(
+        version(&again, "db-password"),
+        v1,
+        "unchanged secret, unchanged version"
+    );
+    assert_eq!(
+        agent
+            .metric("kubebao_csi_logins_total{result=\"ok\"}")
+            .await,
+        1.0,
+        "no new login"
+    );
+    assert_eq!(
+        agent
+            .metric("kubebao_csi_token_cache_total{result=\"hit\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        agent
+            .metric("kubebao_csi_openbao_requests_total{kind=\"read\"}")
+            .await,
+        reads_before + 1.0
+    );
+    assert!(!v1.is_empty() && !v1.contains("first-pw"));
+
+    // The secret changes in OpenBao: new content, new version.
+    kv2_put(
+        bed,
+        "myapp/db",
+        json!({"password": "second-pw", "user": "app"}),
+    )
+    .await;
+    let rotated = agent.mount(&attrs).await.expect("mount after update");
+    assert_eq!(file(&rotated, "db-password").contents, b"second-pw");
+    assert_ne!(version(&rotated, "db-password"), v1);
+    assert_eq!(
+        agent
+            .metric("kubebao_csi_mounts_total{result=\"ok\"}")
+            .await,
+        3.0
+    );
+}
+
+#[tokio::test]
+async fn a_service_account_the_role_does_not_bind_is_refused_clearly() {
+    let bed = bed().await;
+    let _gate = OPENBAO_GATE.read().await;
+    kv2_put(bed, "myapp/shared", json!({"password": "pw"})).await;
+    let ns = bed.namespace("intruder").await;
+    let intruder = pod(bed, &ns, "sneaky", "intruder").await;
+    let token = kubelet_token(bed, &intruder, "openbao").await;
+    let agent = agent(bed).await;
+    let attrs = driver_attributes(
+        &[("roleName", "my-app"), ("objects", SHARED_OBJECTS)],
+        &intruder,
+        Some(&token),
+    );
+    let err = agent
+        .mount(&attrs)
+        .await
+        .expect_err("intruder must be refused");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    let expected = format!("login refused for role \"my-app\" as {ns}/intruder");
+    assert!(err.message().contains(&expected), "{}", err.message());
+    assert!(
+        err.message().starts_with("[login_refused]"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        !err.message().contains(&token),
+        "the token leaked into the error"
+    );
+    assert_eq!(
+        agent
+            .metric("kubebao_csi_logins_total{result=\"refused\"}")
+            .await,
+        1.0
+    );
+
+    // The agent keeps serving: the right pod in the same namespace mounts.
+    let app = pod(bed, &ns, "web", "app").await;
+    let token = kubelet_token(bed, &app, "openbao").await;
+    let attrs = driver_attributes(
+        &[("roleName", "my-app"), ("objects", SHARED_OBJECTS)],
+        &app,
+        Some(&token),
+    );
+    agent
+        .mount(&attrs)
+        .await
+        .expect("bound ServiceAccount mounts");
+}
+
+#[tokio::test]
+async fn kv1_kv2_every_key_encodings_and_readable_errors() {
+    let bed = bed().await;
+    let _gate = OPENBAO_GATE.read().await;
+    let bao = bed.openbao();
+    bao.root(
+        Method::POST,
+        "kv/legacy",
+        Some(json!({"api-key": "k1", "cert": "AAEC/w=="})),
+    )
+    .await;
+    kv2_put(
+        bed,
+        "myapp/config",
+        json!({"host": "db.internal", "port": 5432, "tls": {"ca": "CA"}}),
+    )
+    .await;
+    let ns = bed.namespace("kv").await;
+    let pod = pod(bed, &ns, "web", "app").await;
+    let token = kubelet_token(bed, &pod, "openbao").await;
+    let agent = agent(bed).await;
+    let objects = r#"
+- objectName: api-key
+  secretPath: kv/legacy
+  secretKey: api-key
+- objectName: certs/raw.der
+  secretPath: kv/legacy
+  secretKey: cert
+  encoding: base64
+  filePermission: "0600"
+- objectName: config.json
+  secretPath: secret/data/myapp/config
+- objectName: config
+  secretPath: secret/data/myapp/config
+  secretKey: "*"
+- objectName: ca.pem
+  secretPath: secret/data/myapp/config
+  secretKey: tls.ca
+"#;
+    let attrs = driver_attributes(
+        &[("roleName", "my-app"), ("objects", objects)],
+        &pod,
+        Some(&token),
+    );
+    let reads_before = agent
+        .metric("kubebao_csi_openbao_requests_total{kind=\"read\"}")
+        .await;
+    let resp = agent.mount(&attrs).await.expect("mount");
+    assert_eq!(file(&resp, "api-key").contents, b"k1");
+    let der = file(&resp, "certs/raw.der");
+    assert_eq!(der.contents, [0, 1, 2, 255]);
+    assert_eq!(der.mode, 0o600);
+    let whole: Value = serde_json::from_slice(&file(&resp, "config.json").contents).unwrap();
+    assert_eq!(
+        whole,
+        json!({"host": "db.internal", "port": 5432, "tls": {"ca": "CA"}}),
+        "KV v2 data only, no metadata"
+    );
+    assert_eq!(file(&resp, "config/host").contents, b"db.internal");
+    assert_eq!(file(&resp, "config/port").contents, b"5432");
+    assert_eq!(file(&resp, "ca.pem").contents, b"CA");
+    assert_eq!(resp.object_version.len(), 5, "one version per object");
+    assert_eq!(
+        agent
+            .metric("kubebao_csi_openbao_requests_total{kind=\"read\"}")
+            .await,
+        reads_before + 2.0,
+        "two distinct paths, each read once"
+    );
+
+    let mount_one = |object: &str| {
+        driver_attributes(
+            &[("roleName", "my-app"), ("objects", object)],
+            &pod,
+            Some(&token),
+        )
+    };
+    let missing_key = agent
+        .mount(&mount_one(
+            "- {objectName: a, secretPath: secret/data/myapp/config, secretKey: hots}",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(missing_key.code(), tonic::Code::NotFound);
+    assert!(
+        missing_key.message().contains("key \"hots\" not found"),
+        "{}",
+        missing_key.message()
+    );
+    assert!(
+        missing_key
+            .message()
+            .contains("[\"host\", \"port\", \"tls\"]"),
+        "{}",
+        missing_key.message()
+    );
+    assert!(
+        !missing_key.message().contains("db.internal"),
+        "a value leaked"
+    );
+
+    let no_path = agent
+        .mount(&mount_one(
+            "- {objectName: a, secretPath: secret/data/myapp/nothing-here, secretKey: x}",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(no_path.code(), tonic::Code::NotFound);
+    assert!(
+        no_path
+            .message()
+            .contains("nothing at secret/data/myapp/nothing-here"),
+        "{}",
+        no_path.message()
+    );
+
+    let denied = agent
+        .mount(&mount_one(
+            "- {objectName: a, secretPath: secret/data/other-team/db, secretKey: x}",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    let expected =
+        format!("permission denied on secret/data/other-team/db for role \"my-app\" as {ns}/app");
+    assert!(denied.message().contains(&expected), "{}", denied.message());
+    // The denial was not blamed on a stale token more than once: one re-login at most.
+    assert!(
+        agent
+            .metric("kubebao_csi_logins_total{result=\"ok\"}")
+            .await
+            <= 2.0
+    );
+
+    let bad_param = agent
+        .mount(&mount_one(
+            "- {objectName: a, secretPath: kv/legacy, encoding: rot13, secretKey: api-key}",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_param.code(), tonic::Code::InvalidArgument);
+    assert!(
+        bad_param.message().contains("objects[0].encoding"),
+        "{}",
+        bad_param.message()
+    );
+}
+
+#[tokio::test]
+async fn pki_certificates_are_issued_by_post_and_kept_while_their_lease_is_valid() {
+    let bed = bed().await;
+    let _gate = OPENBAO_GATE.read().await;
+    let ns = bed.namespace("pki").await;
+    let web = pod(bed, &ns, "web", "app").await;
+    let other = pod(bed, &ns, "web-2", "app").await;
+    let agent = agent(bed).await;
+    let objects = r#"
+- objectName: tls.crt
+  secretPath: pki/issue/web
+  method: POST
+  secretArgs:
+    common_name: web.example.com
+  secretKey: certificate
+- objectName: tls.key
+  secretPath: pki/issue/web
+  method: POST
+  secretArgs:
+    common_name: web.example.com
+  secretKey: private_key
+  filePermission: "0400"
+"#;
+    let token = kubelet_token(bed, &web, "openbao").await;
+    let attrs = driver_attributes(
+        &[("roleName", "my-app"), ("objects", objects)],
+        &web,
+        Some(&token),
+    );
+    let first = agent.mount(&attrs).await.expect("issue");
+    let cert = file(&first, "tls.crt").contents.clone();
+    assert!(cert.starts_with(b"-----BEGIN CERTIFICATE-----"));
+    assert!(file(&first, "tls.key").contents.starts_with(b"-----BEGIN"));
+    assert_eq!(file(&first, "tls.key").mode, 0o400);
+    assert_eq!(
+        agent
+            .metric("kubebao_csi_openbao_requests_total{kind=\"write\"}")
+            .await,
+        1.0,
+        "both objects come from one issue call"
+    );
+
+    // The driver's rotation poll for the same pod: same certificate, same version, no new lease.
+    let poll = agent.mount(&attrs).await.expect("poll");
+    assert_eq!(file(&poll, "tls.crt").contents, cert);
+    assert_eq!(version(&poll, "tls.crt"), version(&first, "tls.crt"));
+    assert_eq!(
+        agent
+            .metric("kubebao_csi_openbao_requests_total{kind=\"write\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        agent
+            .metric("kubebao_csi_lease_cache_total{result=\"hit\"}")
+            .await,
+        1.0
+    );
+
+    // Another pod gets its own certificate.
+    let token2 = kubelet_token(bed, &other, "openbao").await;
+    let attrs2 = driver_attributes(
+        &[("roleName", "my-app"), ("objects", objects)],
+        &other,
+        Some(&token2),
+    );
+    let second_pod = agent
+        .mount(&attrs2)
+        .await
+        .expect("issue for the second pod");
+    assert_ne!(file(&second_pod, "tls.crt").contents, cert);
+}
+
+#[tokio::test]
+async fn unsafe_object_names_are_refused_and_the_agent_keeps_serving() {
+    let bed = bed().await;
+    let _gate = OPENBAO_GATE.read().await;
+    kv2_put(bed, "myapp/shared", json!({"password": "pw"})).await;
+    let ns = bed.namespace("names").await;
+    let pod = pod(bed, &ns, "web", "app").await;
+    let token = kubelet_token(bed, &pod, "openbao").await;
+    let agent = agent(bed).await;
+    let cases = [
+        (
+            "- {objectName: ../../etc/passwd, secretPath: secret/data/myapp/shared, secretKey: password}",
+            "must stay inside the mount",
+        ),
+        (
+            "- {objectName: /etc/passwd, secretPath: secret/data/myapp/shared, secretKey: password}",
+            "absolute path",
+        ),
+        (
+            "- {objectName: a//b, secretPath: secret/data/myapp/shared, secretKey: password}",
+            "empty path segment",
+        ),
+        (
+            "- {objectName: same, secretPath: secret/data/myapp/shared, secretKey: password}\n- {objectName: same, secretPath: kv/legacy, secretKey: api-key}",
+            "more than one object",
+        ),
+    ];
+    for (objects, why) in cases {
+        let attrs = driver_attributes(
+            &[("roleName", "my-app"), ("objects", objects)],
+            &pod,
+            Some(&token),
+        );
+        let err = agent.mount(&attrs).await.expect_err(objects);
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{objects}");
+        assert!(err.message().contains(why), "{objects}: {}", err.message());
+    }
+    assert_eq!(
+        agent
+            .metric("kubebao_csi_mounts_total{result=\"bad_parameter\"}")
+            .await,
+        4.0
+    );
+    assert_eq!(
+        agent
+            .metric("kubebao_csi_openbao_requests_total{kind=\"login\"}")
+            .await,
+        0.0,
+        "refused before any OpenBao call"
+    );
+    let attrs = driver_attributes(
+        &[("roleName", "my-app"), ("objects", SHARED_OBJECTS)],
+        &pod,
+        Some(&token),
+    );
+    agent.mount(&attrs).await.expect("still serving");
+}
+
+#[tokio::test]
+async fn without_driver_tokens_the_agent_requests_one_bound_to_the_pod() {
+    let bed = bed().await;
+    let _gate = OPENBAO_GATE.read().await;
+    kv2_put(bed, "myapp/shared", json!({"password": "pw"})).await;
+    let ns = bed.namespace("tokenrequest").await;
+    let pod = pod(bed, &ns, "web", "app").await;
+    let agent = agent(bed).await;
+    let attrs = driver_attributes(
+        &[("roleName", "my-app"), ("objects", SHARED_OBJECTS)],
+        &pod,
+        None,
+    );
+    let resp = agent
+        .mount(&attrs)
+        .await
+        .expect("mount with a TokenRequest");
+    assert_eq!(file(&resp, "db-password").contents, b"pw");
+    assert_eq!(
+        agent
+            .metric("kubebao_csi_token_requests_total{result=\"ok\"}")
+            .await,
+        1.0
+    );
+
+    // A pod that does not exist (wrong uid) cannot get a token bound to it.
+    let ghost = TestPod {
+        uid: "00000000-0000-0000-0000-000000000000".into(),
+        ..pod
+    };
+    let attrs = driver_attributes(
+        &[("roleName", "my-app"), ("objects", SHARED_OBJECTS)],
+        &ghost,
+        None,
+    );
+    let other_agent_err = {
+        let fresh = self::agent(bed).await;
+        fresh
+            .mount(&attrs)
+            .await
+            .expect_err("token bound to a missing pod")
+    };
+    assert_eq!(other_agent_err.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        other_agent_err
+            .message()
+            .contains("TokenRequest bound to pod"),
+        "{}",
+        other_agent_err.message()
+    );
+}
+
+#[tokio::test]
+async fn socket_is_private_stale_sockets_are_replaced_and_version_answers() {
+    let bed = bed().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("version.key");
+    std::fs::write(&key, [1u8; 32]).unwrap();
+    let first = start_agent(bed, dir, &key).await;
+    let mode = std::fs::metadata(&first.socket)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let mut client = connect(&first.socket).await.unwrap();
+    let v = client
+        .version(VersionRequest {
+            version: "v1alpha1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.runtime_name, "kubebao");
+    assert_eq!(v.runtime_version, env!("CARGO_PKG_VERSION"));
+
+    // A second agent on the same directory refuses to steal a live socket.
+    let providers = first.socket.parent().unwrap().to_path_buf();
+    let second_dir = tempfile::tempdir().unwrap();
+    let mut second = Component::start(
+        "kubebao-csi-second",
+        second_dir.path(),
+        Path::new(env!("CARGO_BIN_EXE_kubebao-csi")),
+        &[
+            format!("--provider-dir={}", providers.display()),
+            "--listen=127.0.0.1:0".into(),
+        ],
+    );
+    wait_for("the second agent to exit", Duration::from_secs(20), || {
+        let running = second.is_running();
+        async move {
+            if running {
+                Err("still running".to_string())
+            } else {
+                Ok(())
+            }
+        }
+    })
+    .await;
+    assert!(
+        std::fs::read_to_string(second.log_path())
+            .unwrap()
+            .contains("in use by another running provider")
+    );
+
+    // Killed without cleanup, the socket stays behind; the next agent replaces it.
+    let Agent {
+        _process: mut process,
+        socket,
+        _dir: dir,
+        ..
+    } = first;
+    process.kill();
+    assert!(socket.exists(), "a killed agent leaves its socket");
+    let dir2 = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut third = Component::start(
+        "kubebao-csi-third",
+        dir2.path(),
+        Path::new(env!("CARGO_BIN_EXE_kubebao-csi")),
+        &[
+            format!("--provider-dir={}", providers.display()),
+            format!("--listen=127.0.0.1:{port}"),
+        ],
+    );
+    let s = socket.clone();
+    wait_for(
+        "the next agent to serve on the stale socket's path",
+        Duration::from_secs(30),
+        || {
+            third.assert_running();
+            let s = s.clone();
+            async move {
+                let mut c = connect(&s).await.map_err(|e| e.to_string())?;
+                c.version(VersionRequest::default())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+        },
+    )
+    .await;
+    // Graceful shutdown removes the socket.
+    third.stop();
+    assert!(!socket.exists(), "socket removed on shutdown");
+    drop(dir);
+}
+
+#[tokio::test]
+async fn sealed_openbao_is_a_clear_error_and_mounts_resume_after_unseal() {
+    let bed = bed().await;
+    kv2_put(bed, "myapp/shared", json!({"password": "pw"})).await;
+    let ns = bed.namespace("sealed").await;
+    let pod = pod(bed, &ns, "web", "app").await;
+    let token = kubelet_token(bed, &pod, "openbao").await;
+    let agent = agent(bed).await;
+    let attrs = driver_attributes(
+        &[("roleName", "my-app"), ("objects", SHARED_OBJECTS)],
+        &pod,
+        Some(&token),
+    );
+    agent.mount(&attrs).await.expect("mount while unsealed");
+
+    let _exclusive = OPENBAO_GATE.write().await;
+    bed.openbao().seal().await;
+    let err = agent.mount(&attrs).await.expect_err("sealed");
+    bed.openbao().unseal().await;
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    assert!(
+        err.message().starts_with("[openbao_sealed]"),
+        "{}",
+        err.message()
+    );
+    assert!(err.message().contains("is sealed"), "{}", err.message());
+    assert_eq!(
+        agent
+            .metric("kubebao_csi_mounts_total{result=\"openbao_sealed\"}")
+            .await,
+        1.0
+    );
+    let resp = agent.mount(&attrs).await.expect("mount after unseal");
+    assert_eq!(file(&resp, "db-password").contents, b"pw");
+}
