@@ -351,7 +351,7 @@ impl Session {
         if let Some(t) = self.usable_token() {
             return Ok(t);
         }
-        self.login_if(|_| true).await
+        self.login_if(|_| false).await
     }
 
     /// Logs in unless another caller already did; `stale` says whether the current token (if
@@ -549,7 +549,8 @@ impl Session {
                 }
                 Duration::ZERO
             }
-            Due::Login => match self.login_if(|_| true).await {
+            // Only when still needed: a caller may have logged in meanwhile.
+            Due::Login => match self.login_if(|_| false).await {
                 Ok(_) => Duration::ZERO,
                 Err(_) => backoff(self),
             },

@@ -2,11 +2,15 @@
 //! annotations, the associated data and the shape of a Transit ciphertext.
 //!
 //! key_id = `kb1-` + the first 128 bits of SHA-256 over (format tag, Transit mount, key name,
-//! creation time of the key's version 1, key version), hex. Why these inputs:
-//! - version 1's creation time identifies the key *instance*: a key deleted and re-created
-//!   under the same name gets new key_ids, so a key_id is never reused for other key material;
+//! key version, creation time of that version), hex. Why these inputs:
+//! - a version's creation time identifies the key *instance*: a key deleted and re-created
+//!   under the same name gets new key_ids, so a key_id is never reused for other key material
+//!   (OpenBao lists the creation time of every version that can still decrypt, which is
+//!   exactly the set of key_ids Decrypt must recognise; versions below
+//!   `min_decryption_version` are hidden, so an identity based on version 1 would not work);
 //! - mount and name tell keys apart within one OpenBao; the OpenBao address is deliberately not
-//!   included, so moving OpenBao behind another DNS name keeps every stored Secret readable;
+//!   included, so moving OpenBao behind another DNS name keeps every stored Secret readable
+//!   (renaming the mount or key does change the ids: stored Secrets would then be unreadable);
 //! - hashing hides the topology (mount, key name, version) from anyone reading etcd.
 //!
 //! Decrypt cannot invert the hash; it looks the key_id up among the versions the key snapshot
@@ -44,20 +48,18 @@ pub struct KeyIdentity {
     pub mount: String,
     /// Key name.
     pub name: String,
-    /// Creation time of version 1 as OpenBao reports it.
-    pub created_v1: String,
 }
 
 impl KeyIdentity {
-    /// The key_id of `version` of this key.
-    pub fn key_id(&self, version: u64) -> String {
+    /// The key_id of `version` of this key, created at `created` (as OpenBao reports it).
+    pub fn key_id(&self, version: u64, created: &str) -> String {
         let mut h = Sha256::new();
         for part in [
             "kubebao-kms/key-id/v1",
             &self.mount,
             &self.name,
-            &self.created_v1,
             &version.to_string(),
+            created,
         ] {
             // Length-prefixed so no two different inputs hash the same.
             h.update((part.len() as u64).to_be_bytes());
@@ -191,35 +193,31 @@ mod tests {
         KeyIdentity {
             mount: "transit".into(),
             name: "kms".into(),
-            created_v1: "1700000000".into(),
         }
     }
 
     #[test]
     fn key_ids_are_stable_well_formed_and_differ_per_version_and_key_instance() {
         let k = key();
-        assert_eq!(k.key_id(1), k.key_id(1));
-        assert_ne!(k.key_id(1), k.key_id(2));
-        assert!(is_well_formed_key_id(&k.key_id(7)));
-        let recreated = KeyIdentity {
-            created_v1: "1700000001".into(),
-            ..key()
-        };
+        let t = "1700000000";
+        assert_eq!(k.key_id(1, t), k.key_id(1, t));
+        assert_ne!(k.key_id(1, t), k.key_id(2, t));
+        assert!(is_well_formed_key_id(&k.key_id(7, t)));
         assert_ne!(
-            k.key_id(1),
-            recreated.key_id(1),
+            k.key_id(1, t),
+            k.key_id(1, "1700000001"),
             "a re-created key must get new ids"
         );
         let other_mount = KeyIdentity {
             mount: "transit2".into(),
             ..key()
         };
-        assert_ne!(k.key_id(1), other_mount.key_id(1));
+        assert_ne!(k.key_id(1, t), other_mount.key_id(1, t));
         // No raw topology in the id.
-        let id = k.key_id(3);
+        let id = k.key_id(3, t);
         assert!(!id.contains("transit") && !id.contains("kms") && !id.ends_with('3'));
         // Golden value: the id must never change across releases (stored Secrets depend on it).
-        assert_eq!(id, "kb1-1eb727f792a8e4c54852a31d577b1fb7");
+        assert_eq!(id, "kb1-78e2a7c29d22832d58671a4dca0e5769");
         assert_eq!(id.len(), 36);
     }
 
@@ -238,11 +236,11 @@ mod tests {
         let long = "a".repeat(2000);
         assert_eq!(check_request(b"x", &long), Err(Refusal::MalformedKeyId));
         assert_eq!(
-            check_request(&[0; 1025], &key().key_id(1)),
+            check_request(&[0; 1025], &key().key_id(1, "1")),
             Err(Refusal::CiphertextTooLong(1025))
         );
         assert_eq!(
-            check_request(b"", &key().key_id(1)),
+            check_request(b"", &key().key_id(1, "1")),
             Err(Refusal::EmptyCiphertext)
         );
     }
@@ -279,12 +277,12 @@ mod tests {
     fn associated_data_differs_by_key_id_and_context() {
         let k = key();
         assert_ne!(
-            associated_data(&k.key_id(1), ""),
-            associated_data(&k.key_id(2), "")
+            associated_data(&k.key_id(1, "1"), ""),
+            associated_data(&k.key_id(2, "1"), "")
         );
         assert_ne!(
-            associated_data(&k.key_id(1), "a"),
-            associated_data(&k.key_id(1), "b")
+            associated_data(&k.key_id(1, "1"), "a"),
+            associated_data(&k.key_id(1, "1"), "b")
         );
     }
 }

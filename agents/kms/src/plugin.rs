@@ -34,17 +34,6 @@ impl KeySnapshot {
                 key.name, key.key_type
             )));
         }
-        let created_v1 = key
-            .versions
-            .iter()
-            .find(|v| v.version == 1)
-            .map(|v| v.created.clone())
-            .ok_or_else(|| {
-                Health::KeyUnusable(format!(
-                    "Transit key {mount}/{} does not report version 1 (trimmed?); KubeBao derives key ids from it",
-                    key.name
-                ))
-            })?;
         if key.latest_version == 0 || key.latest_version < key.min_encryption_version {
             return Err(Health::KeyUnusable(format!(
                 "Transit key {mount}/{} has no version usable for encryption",
@@ -54,14 +43,26 @@ impl KeySnapshot {
         let identity = KeyIdentity {
             mount: mount.to_string(),
             name: key.name.clone(),
-            created_v1,
         };
-        let min = key.min_decryption_version.max(1);
-        let decryptable = (min..=key.latest_version)
-            .map(|v| (identity.key_id(v), v))
+        // OpenBao lists exactly the versions that can still decrypt, with creation times.
+        let decryptable: BTreeMap<String, u64> = key
+            .versions
+            .iter()
+            .filter(|v| v.version >= key.min_decryption_version)
+            .map(|v| (identity.key_id(v.version, &v.created), v.version))
             .collect();
+        let current_key_id = decryptable
+            .iter()
+            .find(|(_, v)| **v == key.latest_version)
+            .map(|(id, _)| id.clone())
+            .ok_or_else(|| {
+                Health::KeyUnusable(format!(
+                    "Transit key {mount}/{} does not list its latest version {}",
+                    key.name, key.latest_version
+                ))
+            })?;
         Ok(Self {
-            current_key_id: identity.key_id(key.latest_version),
+            current_key_id,
             latest_version: key.latest_version,
             decryptable,
         })

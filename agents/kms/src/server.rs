@@ -17,6 +17,9 @@ use tokio_stream::wrappers::UnixListenerStream;
 use crate::config::Config;
 use crate::plugin::{Health, KmsService, Plugin, PluginSettings};
 
+/// How long in-flight requests may take to finish after SIGTERM.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Prepares the socket path: creates the directory, and removes an old socket only when
 /// nothing accepts connections on it (another plugin may be serving there).
 pub fn clear_stale_socket(path: &Path) -> Result<(), String> {
@@ -160,10 +163,30 @@ pub async fn serve(config: Config) -> Result<(), String> {
             })
             .into_future(),
     );
-    let grpc = tonic::transport::Server::builder()
+    // On a signal: remove the socket at once (no new clients), then let in-flight requests
+    // finish for up to DRAIN. The API server keeps its connection open, so waiting for every
+    // connection to close would never end.
+    let socket = config.socket.clone();
+    let (signalled_tx, mut signalled) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown_signal().await;
+        let _ = std::fs::remove_file(&socket);
+        let _ = signalled_tx.send(true);
+    };
+    let server = tonic::transport::Server::builder()
         .add_service(KeyManagementServiceServer::new(KmsService(plugin.clone())))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
-        .await;
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown);
+    let drained = async move {
+        let _ = signalled.wait_for(|s| *s).await;
+        tokio::time::sleep(DRAIN).await;
+    };
+    let grpc = tokio::select! {
+        r = server => r,
+        _ = drained => {
+            tracing::info!("connections still open after {DRAIN:?}; closing them");
+            Ok(())
+        }
+    };
     let _ = std::fs::remove_file(&config.socket);
     let _ = stop_tx.send(true);
     renewal.abort();

@@ -1,0 +1,462 @@
+//! The plugin over its real gRPC socket against real OpenBao (shared test bed; each test has
+//! its own Transit mount, key, policy and plugin process, so they run in parallel).
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+use common::{Agent, encrypt, metric, status};
+use kubebao_proto::kms::DecryptRequest;
+use kubebao_testbed::{Testbed, wait_for};
+use reqwest::Method;
+use serde_json::json;
+use tonic::Code;
+
+fn decrypt_request(resp: &kubebao_proto::kms::EncryptResponse) -> DecryptRequest {
+    DecryptRequest {
+        ciphertext: resp.ciphertext.clone(),
+        uid: "test".into(),
+        key_id: resp.key_id.clone(),
+        annotations: resp.annotations.clone(),
+    }
+}
+
+/// Transit mount + key + least-privilege token file + plugin, for one test.
+async fn plugin(bed: &Testbed, name: &str) -> Agent {
+    let bao = bed.openbao();
+    let mount = format!("t-{name}");
+    let policy = format!("kms-{name}");
+    common::transit_key(bao, &mount, "kms", &policy).await;
+    let token = common::token_file(bao, bed.dir(), &format!("{name}.token"), &[&policy]).await;
+    Agent::start(
+        name,
+        bed.dir(),
+        &[
+            format!("--openbao-addr={}", bao.addr()),
+            format!("--transit-mount={mount}"),
+            "--transit-key=kms".into(),
+            "--auth-method=token".into(),
+            format!("--token-file={}", token.display()),
+        ],
+    )
+    .await
+}
+
+#[tokio::test]
+async fn rotation_shows_in_status_and_old_versions_decrypt_until_openbao_forbids_them() {
+    let bed = Testbed::shared().await;
+    let agent = plugin(bed, "rotation").await;
+    let mut kms = agent.client().await;
+
+    let before = status(&mut kms).await;
+    assert_eq!(before.version, "v2");
+    assert_eq!(before.healthz, "ok");
+    assert!(before.key_id.starts_with("kb1-"), "{}", before.key_id);
+    let old = encrypt(&mut kms, b"0123456789abcdef0123456789abcdef")
+        .await
+        .expect("encrypt");
+    assert_eq!(
+        old.key_id, before.key_id,
+        "Encrypt and Status agree on key_id"
+    );
+    assert_eq!(old.annotations["kubebao.io/key-version"], b"1");
+    assert!(
+        !old.ciphertext.windows(8).any(|w| w == b"01234567"),
+        "ciphertext holds no plaintext"
+    );
+
+    let bao = bed.openbao();
+    bao.root(Method::POST, "t-rotation/keys/kms/rotate", None)
+        .await;
+    let rotated = wait_for(
+        "Status to report the new key_id",
+        Duration::from_secs(10),
+        || {
+            let mut kms = kms.clone();
+            let old_id = before.key_id.clone();
+            async move {
+                let s = status(&mut kms).await;
+                if s.key_id != old_id && s.healthz == "ok" {
+                    Ok(s.key_id)
+                } else {
+                    Err(format!("{s:?}"))
+                }
+            }
+        },
+    )
+    .await;
+    let new = encrypt(&mut kms, b"fresh seed").await.expect("encrypt v2");
+    assert_eq!(new.key_id, rotated);
+    assert_eq!(new.annotations["kubebao.io/key-version"], b"2");
+    let plain = kms
+        .decrypt(decrypt_request(&old))
+        .await
+        .expect("old version still decrypts")
+        .into_inner()
+        .plaintext;
+    assert_eq!(plain, b"0123456789abcdef0123456789abcdef");
+
+    // Once OpenBao no longer allows version 1, its key_id is unknown to the plugin.
+    bao.root(
+        Method::POST,
+        "t-rotation/keys/kms/config",
+        Some(json!({"min_decryption_version": 2})),
+    )
+    .await;
+    wait_for(
+        "the old key_id to be refused",
+        Duration::from_secs(10),
+        || {
+            let mut kms = kms.clone();
+            let req = decrypt_request(&old);
+            async move {
+                match kms.decrypt(req).await {
+                    Err(s)
+                        if s.code() == Code::InvalidArgument
+                            && s.message().contains("unknown key_id") =>
+                    {
+                        Ok(())
+                    }
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        },
+    )
+    .await;
+    let metrics = agent.metrics().await;
+    assert_eq!(
+        metric(&metrics, "kubebao_kms_key_version "),
+        Some(2.0),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn bad_input_gets_the_right_code_and_the_plugin_keeps_serving() {
+    let bed = Testbed::shared().await;
+    let agent = plugin(bed, "badinput").await;
+    let mut kms = agent.client().await;
+    let good = encrypt(&mut kms, b"seed").await.expect("encrypt");
+
+    let code = |r: Result<_, tonic::Status>| r.map(|_| ()).expect_err("must fail").code();
+    assert_eq!(
+        code(encrypt(&mut kms, b"").await),
+        Code::InvalidArgument,
+        "empty"
+    );
+    assert_eq!(
+        code(encrypt(&mut kms, &[7u8; 513]).await),
+        Code::InvalidArgument,
+        "oversized plaintext"
+    );
+    let cases: Vec<(&str, DecryptRequest)> = vec![
+        (
+            "garbage ciphertext",
+            DecryptRequest {
+                ciphertext: b"\x00\xffgarbage".to_vec(),
+                ..decrypt_request(&good)
+            },
+        ),
+        (
+            "truncated ciphertext",
+            DecryptRequest {
+                ciphertext: good.ciphertext[..good.ciphertext.len() - 5].to_vec(),
+                ..decrypt_request(&good)
+            },
+        ),
+        ("tampered ciphertext", {
+            let mut c = good.ciphertext.clone();
+            let i = c.len() - 10;
+            c[i] = if c[i] == b'A' { b'B' } else { b'A' };
+            DecryptRequest {
+                ciphertext: c,
+                ..decrypt_request(&good)
+            }
+        }),
+        (
+            "empty ciphertext",
+            DecryptRequest {
+                ciphertext: vec![],
+                ..decrypt_request(&good)
+            },
+        ),
+        (
+            "oversized ciphertext",
+            DecryptRequest {
+                ciphertext: vec![b'a'; 1025],
+                ..decrypt_request(&good)
+            },
+        ),
+        (
+            "unknown key_id",
+            DecryptRequest {
+                key_id: "kb1-00000000000000000000000000000000".into(),
+                ..decrypt_request(&good)
+            },
+        ),
+        (
+            "malformed key_id",
+            DecryptRequest {
+                key_id: "vault-key-1".into(),
+                ..decrypt_request(&good)
+            },
+        ),
+        (
+            "oversized key_id",
+            DecryptRequest {
+                key_id: "k".repeat(1025),
+                ..decrypt_request(&good)
+            },
+        ),
+        ("foreign annotation", {
+            let mut r = decrypt_request(&good);
+            r.annotations
+                .insert("evil.example.com/x".into(), b"1".to_vec());
+            r
+        }),
+        ("annotation of another version", {
+            let mut r = decrypt_request(&good);
+            r.annotations
+                .insert("kubebao.io/key-version".into(), b"9".to_vec());
+            r
+        }),
+    ];
+    for (what, req) in cases {
+        let err = kms.decrypt(req).await.expect_err(what);
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
+    }
+    let s = status(&mut kms).await;
+    assert_eq!(
+        s.healthz, "ok",
+        "bad input does not make the plugin unhealthy"
+    );
+    let plain = kms
+        .decrypt(decrypt_request(&good))
+        .await
+        .expect("still serving")
+        .into_inner()
+        .plaintext;
+    assert_eq!(plain, b"seed");
+    let metrics = agent.metrics().await;
+    assert!(
+        metrics
+            .contains(r#"kubebao_kms_requests_total{method="Decrypt",code="InvalidArgument"} 10"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_short_lived_approle_token_is_renewed_and_replaced_past_its_max_ttl() {
+    let bed = Testbed::shared().await;
+    let bao = bed.openbao();
+    common::transit_key(bao, "t-expiry", "kms", "kms-expiry").await;
+    let (role_id, secret_id) =
+        common::approle_files(bao, bed.dir(), "approle-expiry", "kms-expiry", "4s", "8s").await;
+    let agent = Agent::start(
+        "expiry",
+        bed.dir(),
+        &[
+            format!("--openbao-addr={}", bao.addr()),
+            "--transit-mount=t-expiry".into(),
+            "--transit-key=kms".into(),
+            "--auth-method=approle".into(),
+            "--auth-mount=approle-expiry".into(),
+            format!("--role-id-file={}", role_id.display()),
+            format!("--secret-id-file={}", secret_id.display()),
+        ],
+    )
+    .await;
+    let mut kms = agent.client().await;
+    let start = Instant::now();
+    // Keep using the plugin for well past the token's max TTL (8 s); every call must succeed.
+    wait_for(
+        "18 s of successful calls across token replacements",
+        Duration::from_secs(40),
+        || {
+            let mut kms = kms.clone();
+            let metrics_url = format!("http://{}/metrics", agent.http);
+            async move {
+                let enc = encrypt(&mut kms, b"seed")
+                    .await
+                    .map_err(|e| format!("encrypt failed: {e:?}"))
+                    .unwrap();
+                let plain = kms
+                    .decrypt(decrypt_request(&enc))
+                    .await
+                    .expect("decrypt failed")
+                    .into_inner()
+                    .plaintext;
+                assert_eq!(plain, b"seed");
+                let text = reqwest::get(metrics_url)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .text()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let logins = metric(&text, "kubebao_kms_openbao_logins ").unwrap_or(0.0);
+                if start.elapsed() > Duration::from_secs(18) && logins >= 3.0 {
+                    Ok(())
+                } else {
+                    Err(format!("{:?} elapsed, {logins} logins", start.elapsed()))
+                }
+            }
+        },
+    )
+    .await;
+    assert_eq!(status(&mut kms).await.healthz, "ok");
+    let metrics = agent.metrics().await;
+    assert!(
+        !metrics.contains(r#"method="Encrypt",code="PermissionDenied""#),
+        "no request saw an expired token: {metrics}"
+    );
+}
+
+#[tokio::test]
+async fn socket_is_private_stale_sockets_are_replaced_live_ones_kept_and_sigterm_removes_it() {
+    let bed = Testbed::shared().await;
+    let dir = bed.dir().join("socket-test");
+    std::fs::create_dir_all(&dir).unwrap();
+    let bao = bed.openbao();
+    common::transit_key(bao, "t-socket", "kms", "kms-socket").await;
+    let token = common::token_file(bao, &dir, "token", &["kms-socket"]).await;
+    let args = vec![
+        format!("--openbao-addr={}", bao.addr()),
+        "--transit-mount=t-socket".into(),
+        "--transit-key=kms".into(),
+        format!("--token-file={}", token.display()),
+    ];
+    // A stale socket (its listener is gone) is replaced.
+    let socket = dir.join("plugin.sock");
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    assert!(socket.exists());
+    let mut agent = Agent::start("plugin", &dir, &args).await;
+    let mode = std::fs::metadata(&agent.socket)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "socket mode {mode:o}");
+    assert_eq!(status(&mut agent.client().await).await.healthz, "ok");
+
+    // A second plugin on the same socket refuses to steal it and exits.
+    let mut second = Agent::launch_at("second", &dir, &socket, &args);
+    wait_for("the second plugin to exit", Duration::from_secs(20), || {
+        let running = second.process.is_running();
+        async move {
+            if running {
+                Err("still running".to_string())
+            } else {
+                Ok(())
+            }
+        }
+    })
+    .await;
+    let log = std::fs::read_to_string(second.process.log_path()).unwrap();
+    assert!(log.contains("another process is serving"), "{log}");
+    assert_eq!(
+        status(&mut agent.client().await).await.healthz,
+        "ok",
+        "the first plugin still serves"
+    );
+
+    // SIGTERM: graceful stop, socket removed.
+    agent.process.stop();
+    let log = std::fs::read_to_string(agent.process.log_path()).unwrap();
+    assert!(!agent.socket.exists(), "socket removed on SIGTERM: {log}");
+    assert!(log.contains("socket removed"), "{log}");
+    // Nothing secret in the logs.
+    let token_value = std::fs::read_to_string(&token).unwrap();
+    assert!(!log.contains(token_value.trim()), "token in the log");
+}
+
+#[tokio::test]
+async fn doctor_passes_on_a_good_setup_and_says_what_is_wrong_otherwise() {
+    let bed = Testbed::shared().await;
+    let bao = bed.openbao();
+    common::transit_key(bao, "t-doctor", "kms", "kms-doctor").await;
+    let dir = bed.dir();
+    let ca = dir.join("doctor-ca.pem");
+    std::fs::write(&ca, bao.ca_pem()).unwrap();
+    let token = common::token_file(bao, dir, "doctor.token", &["kms-doctor"]).await;
+    let doctor = |key: &str, token: &std::path::Path| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kubebao-kms"))
+            .arg("doctor")
+            .arg(format!("--openbao-addr={}", bao.tls_addr()))
+            .arg(format!("--openbao-ca-file={}", ca.display()))
+            .arg("--transit-mount=t-doctor")
+            .arg(format!("--transit-key={key}"))
+            .arg(format!("--token-file={}", token.display()))
+            .output()
+            .expect("run doctor");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = doctor("kms", &token);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("token may update t-doctor/encrypt/kms"),
+        "{out}"
+    );
+    assert!(out.contains("0 failure(s)"), "{out}");
+
+    // The policy allows a key that does not exist.
+    bao.root(
+        Method::PUT,
+        "sys/policies/acl/kms-doctor-missing",
+        Some(json!({"policy": common::policy_hcl("t-doctor", "missing")})),
+    )
+    .await;
+    let for_missing =
+        common::token_file(bao, dir, "doctor-missing.token", &["kms-doctor-missing"]).await;
+    let (code, out) = doctor("missing", &for_missing);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("t-doctor/missing does not exist"), "{out}");
+    assert!(
+        out.contains("bao write -f t-doctor/keys/missing type=aes256-gcm96"),
+        "{out}"
+    );
+
+    // A token without decrypt: doctor names the missing capability, and the plugin answers
+    // PermissionDenied.
+    bao.root(
+        Method::PUT,
+        "sys/policies/acl/kms-doctor-nodecrypt",
+        Some(
+            json!({"policy": r#"path "t-doctor/encrypt/kms" { capabilities = ["update"] }
+path "t-doctor/keys/kms" { capabilities = ["read"] }"#}),
+        ),
+    )
+    .await;
+    let weak = common::token_file(bao, dir, "doctor-weak.token", &["kms-doctor-nodecrypt"]).await;
+    let (code, out) = doctor("kms", &weak);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("token may not update t-doctor/decrypt/kms"),
+        "{out}"
+    );
+
+    let agent = Agent::start(
+        "doctor-weak",
+        dir,
+        &[
+            format!("--openbao-addr={}", bao.tls_addr()),
+            format!("--openbao-ca-file={}", ca.display()),
+            "--transit-mount=t-doctor".into(),
+            "--transit-key=kms".into(),
+            format!("--token-file={}", weak.display()),
+        ],
+    )
+    .await;
+    let mut kms = agent.client().await;
+    let enc = encrypt(&mut kms, b"seed")
+        .await
+        .expect("encrypt is allowed");
+    let err = kms
+        .decrypt(decrypt_request(&enc))
+        .await
+        .expect_err("decrypt is not");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+}
