@@ -8,6 +8,7 @@ mod conditions;
 mod context;
 mod hcl;
 mod identity;
+mod installation;
 mod leader;
 mod metrics;
 mod server;
@@ -132,6 +133,7 @@ type ControllerFn = fn(Arc<Context>, watch::Receiver<bool>) -> BoxFuture<'static
 const CONTROLLERS: &[(&str, ControllerFn)] = &[
     ("BaoSecret", run_baosecrets),
     ("BaoPolicy", run_baopolicies),
+    ("KubeBaoInstallation", run_installations),
 ];
 
 async fn stopped(mut rx: watch::Receiver<bool>) {
@@ -168,6 +170,23 @@ fn run_baosecrets(ctx: Arc<Context>, stop: watch::Receiver<bool>) -> BoxFuture<'
         })
         .await;
     })
+}
+
+fn run_installations(ctx: Arc<Context>, stop: watch::Receiver<bool>) -> BoxFuture<'static, ()> {
+    let id = ctx.clone();
+    let token: installation::controller::TokenFn = Arc::new(move || {
+        let id = id.clone();
+        Box::pin(async move { id.identity.token().await.map_err(|e| e.to_string()) })
+    });
+    let identity = installation::controller::OperatorIdentity {
+        bao: ctx.bao.clone(),
+        token,
+    };
+    Box::pin(installation::controller::run(
+        ctx.client.clone(),
+        Some(identity),
+        stopped(stop),
+    ))
 }
 
 fn run_baopolicies(ctx: Arc<Context>, stop: watch::Receiver<bool>) -> BoxFuture<'static, ()> {

@@ -14,7 +14,11 @@ pub use baosecret::{BaoSecret, BaoSecretStatus, CreationPolicy};
 
 /// Every CRD the operator serves, in the order they are printed.
 pub fn all() -> Vec<CustomResourceDefinition> {
-    vec![BaoSecret::crd(), BaoPolicy::crd()]
+    vec![
+        BaoSecret::crd(),
+        BaoPolicy::crd(),
+        crate::installation::KubeBaoInstallation::crd(),
+    ]
 }
 
 /// All CRDs as one multi-document YAML stream (what `kubebao-operator crd` prints and

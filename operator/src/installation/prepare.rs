@@ -94,7 +94,8 @@ fn check_name(what: &str, v: &str) -> Result<()> {
         && !v.starts_with('/')
         && !v.ends_with('/')
         && v.split('/').all(|s| !s.is_empty() && s != "." && s != "..")
-        && v.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
     if ok {
         Ok(())
     } else {
@@ -133,7 +134,12 @@ pub fn validate(kms: &KmsSpec) -> Result<()> {
     Ok(())
 }
 
-async fn mounted(bao: &OpenBao, token: &SecretString, list: &str, mount: &str) -> Result<Option<String>> {
+async fn mounted(
+    bao: &OpenBao,
+    token: &SecretString,
+    list: &str,
+    mount: &str,
+) -> Result<Option<String>> {
     let v = bao
         .request(Method::GET, list, Some(token), None)
         .await?
@@ -143,22 +149,46 @@ async fn mounted(bao: &OpenBao, token: &SecretString, list: &str, mount: &str) -
         .get("data")
         .and_then(|d| d.get(&key))
         .or_else(|| v.get(&key));
-    Ok(entry.map(|e| e.get("type").and_then(Value::as_str).unwrap_or_default().to_string()))
+    Ok(entry.map(|e| {
+        e.get("type")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    }))
 }
 
 /// Enables a secrets engine or auth method at `mount` if nothing is mounted there; refuses
 /// a different type already mounted there.
-async fn ensure_mounted(bao: &OpenBao, token: &SecretString, auth: bool, mount: &str, kind: &str) -> Result<bool> {
-    let (list, base) = if auth { ("sys/auth", "sys/auth") } else { ("sys/mounts", "sys/mounts") };
+async fn ensure_mounted(
+    bao: &OpenBao,
+    token: &SecretString,
+    auth: bool,
+    mount: &str,
+    kind: &str,
+) -> Result<bool> {
+    let (list, base) = if auth {
+        ("sys/auth", "sys/auth")
+    } else {
+        ("sys/mounts", "sys/mounts")
+    };
     match mounted(bao, token, list, mount).await? {
         Some(t) if t == kind => Ok(false),
         Some(t) => Err(PrepareError::Refused(format!(
             "{base}/{mount} holds a {t:?} {}, not {kind:?}; choose another mount path",
-            if auth { "auth method" } else { "secrets engine" }
+            if auth {
+                "auth method"
+            } else {
+                "secrets engine"
+            }
         ))),
         None => {
-            bao.request(Method::POST, &format!("{base}/{mount}"), Some(token), Some(&json!({"type": kind})))
-                .await?;
+            bao.request(
+                Method::POST,
+                &format!("{base}/{mount}"),
+                Some(token),
+                Some(&json!({"type": kind})),
+            )
+            .await?;
             Ok(true)
         }
     }
@@ -166,7 +196,11 @@ async fn ensure_mounted(bao: &OpenBao, token: &SecretString, auth: bool, mount: 
 
 /// Enables Transit if needed, creates the key if missing (not exportable, deletion not
 /// allowed), and sets the rotation schedule. Returns the key as OpenBao reports it.
-pub async fn ensure_transit_key(bao: &OpenBao, token: &SecretString, kms: &KmsSpec) -> Result<TransitKey> {
+pub async fn ensure_transit_key(
+    bao: &OpenBao,
+    token: &SecretString,
+    kms: &KmsSpec,
+) -> Result<TransitKey> {
     ensure_mounted(bao, token, false, &kms.transit_mount, "transit").await?;
     let (mount, name) = (&kms.transit_mount, &kms.key_name);
     let period = duration_seconds(&kms.rotation_period).unwrap_or(0);
@@ -224,13 +258,19 @@ pub async fn ensure_policy(bao: &OpenBao, token: &SecretString, kms: &KmsSpec) -
     let name = plugin_role_name(kms);
     let hcl = policy_hcl(kms);
     if bao.policy_read(token, &name).await?.as_deref() != Some(hcl.as_str()) {
-        bao.policy_write(token, &name, &hcl, PolicyWrite::Overwrite).await?;
+        bao.policy_write(token, &name, &hcl, PolicyWrite::Overwrite)
+            .await?;
     }
     Ok(name)
 }
 
 /// Enables AppRole if needed and writes the plugin's role when it differs; returns the role_id.
-pub async fn ensure_approle(bao: &OpenBao, token: &SecretString, kms: &KmsSpec, policy: &str) -> Result<String> {
+pub async fn ensure_approle(
+    bao: &OpenBao,
+    token: &SecretString,
+    kms: &KmsSpec,
+    policy: &str,
+) -> Result<String> {
     ensure_mounted(bao, token, true, &kms.approle_mount, "approle").await?;
     let role = plugin_role_name(kms);
     let path = format!("auth/{}/role/{role}", kms.approle_mount);
@@ -279,10 +319,22 @@ pub struct IssuedSecretId {
 }
 
 /// Issues a new secret_id for the plugin's role.
-pub async fn issue_secret_id(bao: &OpenBao, token: &SecretString, kms: &KmsSpec) -> Result<IssuedSecretId> {
-    let path = format!("auth/{}/role/{}/secret-id", kms.approle_mount, plugin_role_name(kms));
+pub async fn issue_secret_id(
+    bao: &OpenBao,
+    token: &SecretString,
+    kms: &KmsSpec,
+) -> Result<IssuedSecretId> {
+    let path = format!(
+        "auth/{}/role/{}/secret-id",
+        kms.approle_mount,
+        plugin_role_name(kms)
+    );
     let s = bao
-        .write(&path, token, &json!({"metadata": "{\"issued_by\":\"kubebao-operator\"}"}))
+        .write(
+            &path,
+            token,
+            &json!({"metadata": "{\"issued_by\":\"kubebao-operator\"}"}),
+        )
         .await?;
     let d = s.data.unwrap_or_default();
     let secret_id = d.get("secret_id").and_then(Value::as_str).ok_or_else(|| {
@@ -303,20 +355,6 @@ pub async fn issue_secret_id(bao: &OpenBao, token: &SecretString, kms: &KmsSpec)
             .and_then(Value::as_u64)
             .unwrap_or(kms.secret_id_ttl_seconds),
     })
-}
-
-/// Destroys an old secret_id by its accessor (after a renewal); a missing one is fine.
-pub async fn destroy_secret_id(bao: &OpenBao, token: &SecretString, kms: &KmsSpec, accessor: &str) -> Result<()> {
-    let path = format!(
-        "auth/{}/role/{}/secret-id-accessor/destroy",
-        kms.approle_mount,
-        plugin_role_name(kms)
-    );
-    match bao.write(&path, token, &json!({"secret_id_accessor": accessor})).await {
-        Ok(_) | Err(kubebao_openbao::Error::NotFound { .. }) => Ok(()),
-        Err(kubebao_openbao::Error::Invalid { .. }) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
 }
 
 /// True when a secret_id issued with `ttl` seconds and expiring at `expires_unix` should be

@@ -24,11 +24,12 @@ pub const FINALIZER: &str = "kubebao.io/installation";
     shortname = "kbi",
     status = "KubeBaoInstallationStatus",
     doc = "KubeBao installed in this cluster: OpenBao preparation, the KMS v2 plugin on control-plane nodes and the CSI provider on every node.",
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Key Version", type_ = "integer", json_path = ".status.keyVersion"),
-    printcolumn(name = "KMS Nodes", type_ = "string", json_path = ".status.kms.summary"),
-    printcolumn(name = "CSI Nodes", type_ = "string", json_path = ".status.csi.summary"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Key Version","type":"integer","jsonPath":".status.keyVersion"}"#,
+    printcolumn = r#"{"name":"KMS Nodes","type":"string","jsonPath":".status.kms.summary"}"#,
+    printcolumn = r#"{"name":"CSI Nodes","type":"string","jsonPath":".status.csi.summary"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct KubeBaoInstallationSpec {
@@ -61,9 +62,10 @@ pub struct OpenBaoSpec {
     /// OpenBao namespace (enterprise-style namespaces), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
-    /// How the operator logs in to OpenBao to prepare it.
-    #[serde(default)]
-    pub auth: OperatorAuth,
+    /// How the operator logs in to OpenBao to prepare it; unset: the operator's own identity
+    /// (its `--operator-role`, `--openbao-token-file` or `--openbao-token-secret`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<OperatorAuth>,
 }
 
 /// A key in a Secret.
@@ -79,11 +81,11 @@ pub struct SecretKeyRef {
     pub key: String,
 }
 
-/// How the operator proves who it is to OpenBao.
+/// How the operator proves who it is to OpenBao for this installation.
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct OperatorAuth {
-    /// Kubernetes auth with the operator's own ServiceAccount token (the default).
+    /// Kubernetes auth with the operator's own ServiceAccount token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<KubernetesAuth>,
     /// A token in a Secret (bootstrap or tests). Used when set, instead of `kubernetes`.
@@ -187,6 +189,12 @@ pub struct KmsSpec {
     /// Secrets rewritten per second during a rewrite.
     #[serde(default = "default_rewrite_rate")]
     pub rewrite_per_second: u32,
+    /// After the Transit key rotates, how long to wait before rewriting Secrets, in seconds:
+    /// the plugin sees a new key version within its probe interval (10 s) and kube-apiserver
+    /// polls the plugin's Status every 60 s, so Secrets rewritten earlier could still be
+    /// stored under the old key.
+    #[serde(default = "default_rewrite_delay")]
+    pub rewrite_delay_seconds: u64,
     /// How long deletion waits for the node installers to remove their files before the
     /// objects are deleted anyway, in seconds.
     #[serde(default = "default_uninstall_grace")]
@@ -264,6 +272,12 @@ pub struct KubeBaoInstallationStatus {
     /// The last `kubebao.io/rotate` annotation value acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_rotate_request: Option<String>,
+    /// When the operator first saw the current key_id (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id_since: Option<String>,
+    /// When deletion started asking the node installers to remove their files (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uninstall_started: Option<String>,
     /// When the plugin's current AppRole secret_id expires (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_id_expires: Option<String>,
@@ -425,15 +439,18 @@ fn default_linux_selector() -> BTreeMap<String, String> {
     [("kubernetes.io/os".to_string(), "linux".to_string())].into()
 }
 fn default_control_plane_tolerations() -> Vec<Toleration> {
-    ["node-role.kubernetes.io/control-plane", "node-role.kubernetes.io/master"]
-        .into_iter()
-        .map(|key| Toleration {
-            key: Some(key.into()),
-            operator: Some("Exists".into()),
-            effect: Some("NoSchedule".into()),
-            ..Default::default()
-        })
-        .collect()
+    [
+        "node-role.kubernetes.io/control-plane",
+        "node-role.kubernetes.io/master",
+    ]
+    .into_iter()
+    .map(|key| Toleration {
+        key: Some(key.into()),
+        operator: Some("Exists".into()),
+        effect: Some("NoSchedule".into()),
+        ..Default::default()
+    })
+    .collect()
 }
 fn default_tolerate_all() -> Vec<Toleration> {
     vec![Toleration {
@@ -461,6 +478,9 @@ fn default_secret_id_ttl() -> u64 {
 }
 fn default_rewrite_rate() -> u32 {
     20
+}
+fn default_rewrite_delay() -> u64 {
+    120
 }
 fn default_uninstall_grace() -> u64 {
     300
@@ -492,7 +512,10 @@ mod tests {
             spec.kms.node_selector["node-role.kubernetes.io/control-plane"],
             ""
         );
-        assert_eq!(spec.openbao.auth.kubernetes.unwrap().role, "kubebao");
+        assert!(
+            spec.openbao.auth.is_none(),
+            "the operator's own identity by default"
+        );
     }
 
     #[test]
@@ -519,6 +542,9 @@ mod tests {
         let status = &schema["openAPIV3Schema"]["properties"]["status"];
         walk("spec", spec, &mut missing);
         walk("status", status, &mut missing);
-        assert!(missing.is_empty(), "fields without a description: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "fields without a description: {missing:?}"
+        );
     }
 }

@@ -4,14 +4,16 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
-use k8s_openapi::ByteString;
 use kube::api::ObjectMeta;
 use serde_json::json;
 
-use crate::installation::render::{CONFIG_HASH_ANNOTATION, Context, hash_of, labels, selector, to_yaml};
+use crate::installation::render::{
+    CONFIG_HASH_ANNOTATION, Context, hash_of, labels, selector, to_yaml,
+};
 use crate::installation::types::KubeBaoInstallationSpec;
 
 /// Name of the DaemonSet, ServiceAccount, RBAC objects and CA ConfigMap.
@@ -110,9 +112,7 @@ pub fn args(spec: &KubeBaoInstallationSpec, ctx: &Context) -> Vec<String> {
 /// The DaemonSet without its config hash.
 fn daemonset_with(spec: &KubeBaoInstallationSpec, ctx: &Context, hash: &str) -> DaemonSet {
     let csi = &spec.csi;
-    let probe = |path: &str| {
-        json!({"httpGet": {"path": path, "port": csi.health_port}, "periodSeconds": 10, "failureThreshold": 3})
-    };
+    let probe = |path: &str| json!({"httpGet": {"path": path, "port": csi.health_port}, "periodSeconds": 10, "failureThreshold": 3});
     let mut ds: DaemonSet = serde_json::from_value(json!({
         "spec": {
             "selector": {"matchLabels": selector(&ctx.instance, "csi")},
@@ -169,7 +169,10 @@ fn daemonset_with(spec: &KubeBaoInstallationSpec, ctx: &Context, hash: &str) -> 
 /// The hash of everything the provider pods depend on (arguments, image, placement, CA).
 pub fn config_hash(spec: &KubeBaoInstallationSpec, ctx: &Context) -> String {
     let mut parts = BTreeMap::new();
-    parts.insert("daemonset".to_string(), to_yaml(&daemonset_with(spec, ctx, "")));
+    parts.insert(
+        "daemonset".to_string(),
+        to_yaml(&daemonset_with(spec, ctx, "")),
+    );
     parts.insert("ca".to_string(), ctx.ca_pem.clone().unwrap_or_default());
     hash_of(&parts)
 }
@@ -203,7 +206,10 @@ mod tests {
         let (spec, ctx) = example();
         let rules = cluster_role(&spec, &ctx).rules.unwrap();
         assert_eq!(rules.len(), 1);
-        assert_eq!(rules[0].resources.as_ref().unwrap(), &["serviceaccounts/token"]);
+        assert_eq!(
+            rules[0].resources.as_ref().unwrap(),
+            &["serviceaccounts/token"]
+        );
         assert_eq!(rules[0].verbs, ["create"]);
     }
 

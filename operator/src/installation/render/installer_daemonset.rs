@@ -4,15 +4,15 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, ServiceAccount};
-use k8s_openapi::ByteString;
 use kube::api::ObjectMeta;
 use serde_json::json;
 
 use crate::installation::render::{
-    CONFIG_HASH_ANNOTATION, Context, encryption_config, hash_of, join, kms_config, labels, selector,
-    static_pod,
+    CONFIG_HASH_ANNOTATION, Context, encryption_config, hash_of, join, kms_config, labels,
+    selector, static_pod,
 };
 use crate::installation::types::KubeBaoInstallationSpec;
 
@@ -50,12 +50,22 @@ pub fn plan(spec: &KubeBaoInstallationSpec, ctx: &Context, action: Action) -> se
         files.push(json!({"name": name, "source": source, "path": path, "mode": mode}));
     };
     if ctx.ca_pem.is_some() {
-        file(kms_config::CA_FILE, "config", join(&kms.config_dir, kms_config::CA_FILE), 0o644);
+        file(
+            kms_config::CA_FILE,
+            "config",
+            join(&kms.config_dir, kms_config::CA_FILE),
+            0o644,
+        );
     }
     for f in [kms_config::ROLE_ID_FILE, kms_config::SECRET_ID_FILE] {
         file(f, "secret", kms_config::credential_path(spec, f), 0o600);
     }
-    file(kms_config::FILE_NAME, "config", kms_config::config_path(spec), 0o600);
+    file(
+        kms_config::FILE_NAME,
+        "config",
+        kms_config::config_path(spec),
+        0o600,
+    );
     file(
         encryption_config::FILE_NAME,
         "config",
@@ -76,12 +86,22 @@ pub fn plan(spec: &KubeBaoInstallationSpec, ctx: &Context, action: Action) -> se
 }
 
 /// The bundle ConfigMap's data: every non-secret file and `plan.json`.
-pub fn bundle(spec: &KubeBaoInstallationSpec, ctx: &Context, action: Action) -> BTreeMap<String, String> {
+pub fn bundle(
+    spec: &KubeBaoInstallationSpec,
+    ctx: &Context,
+    action: Action,
+) -> BTreeMap<String, String> {
     let mut data = BTreeMap::new();
     let pod_hash = static_pod::config_hash(spec, ctx);
-    data.insert(static_pod::FILE_NAME.into(), static_pod::render(spec, ctx, &pod_hash));
+    data.insert(
+        static_pod::FILE_NAME.into(),
+        static_pod::render(spec, ctx, &pod_hash),
+    );
     data.insert(kms_config::FILE_NAME.into(), kms_config::render(spec, ctx));
-    data.insert(encryption_config::FILE_NAME.into(), encryption_config::render(&spec.kms));
+    data.insert(
+        encryption_config::FILE_NAME.into(),
+        encryption_config::render(&spec.kms),
+    );
     if let Some(ca) = &ctx.ca_pem {
         data.insert(kms_config::CA_FILE.into(), ca.clone());
     }
@@ -109,7 +129,11 @@ fn meta(spec: &KubeBaoInstallationSpec, ctx: &Context, name: &str) -> ObjectMeta
 }
 
 /// The bundle ConfigMap.
-pub fn config_map(spec: &KubeBaoInstallationSpec, ctx: &Context, bundle: BTreeMap<String, String>) -> ConfigMap {
+pub fn config_map(
+    spec: &KubeBaoInstallationSpec,
+    ctx: &Context,
+    bundle: BTreeMap<String, String>,
+) -> ConfigMap {
     ConfigMap {
         metadata: meta(spec, ctx, NAME),
         data: Some(bundle),
@@ -118,14 +142,25 @@ pub fn config_map(spec: &KubeBaoInstallationSpec, ctx: &Context, bundle: BTreeMa
 }
 
 /// The AppRole credentials Secret.
-pub fn credentials(spec: &KubeBaoInstallationSpec, ctx: &Context, role_id: &str, secret_id: &str) -> Secret {
+pub fn credentials(
+    spec: &KubeBaoInstallationSpec,
+    ctx: &Context,
+    role_id: &str,
+    secret_id: &str,
+) -> Secret {
     Secret {
         metadata: meta(spec, ctx, CREDENTIALS_SECRET),
         type_: Some("Opaque".into()),
         data: Some(
             [
-                (kms_config::ROLE_ID_FILE.to_string(), ByteString(role_id.as_bytes().to_vec())),
-                (kms_config::SECRET_ID_FILE.to_string(), ByteString(secret_id.as_bytes().to_vec())),
+                (
+                    kms_config::ROLE_ID_FILE.to_string(),
+                    ByteString(role_id.as_bytes().to_vec()),
+                ),
+                (
+                    kms_config::SECRET_ID_FILE.to_string(),
+                    ByteString(secret_id.as_bytes().to_vec()),
+                ),
             ]
             .into(),
         ),
@@ -226,13 +261,19 @@ mod tests {
     fn installer_daemonset_matches_the_snapshot() {
         let (spec, ctx) = example();
         let hash = bundle_hash(&bundle(&spec, &ctx, Action::Install));
-        assert_snapshot("installer-daemonset.yaml", &to_yaml(&daemonset(&spec, &ctx, &hash)));
+        assert_snapshot(
+            "installer-daemonset.yaml",
+            &to_yaml(&daemonset(&spec, &ctx, &hash)),
+        );
     }
 
     #[test]
     fn installer_plan_matches_the_snapshot() {
         let (spec, ctx) = example();
-        assert_snapshot("plan.json", &bundle(&spec, &ctx, Action::Install)["plan.json"]);
+        assert_snapshot(
+            "plan.json",
+            &bundle(&spec, &ctx, Action::Install)["plan.json"],
+        );
     }
 
     #[test]
@@ -246,8 +287,17 @@ mod tests {
             Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
         );
         let pod = s.template.spec.unwrap();
-        assert!(pod.node_selector.unwrap().contains_key("node-role.kubernetes.io/control-plane"));
-        assert!(pod.tolerations.unwrap().iter().any(|t| t.key.as_deref() == Some("node-role.kubernetes.io/control-plane")));
+        assert!(
+            pod.node_selector
+                .unwrap()
+                .contains_key("node-role.kubernetes.io/control-plane")
+        );
+        assert!(
+            pod.tolerations
+                .unwrap()
+                .iter()
+                .any(|t| t.key.as_deref() == Some("node-role.kubernetes.io/control-plane"))
+        );
     }
 
     #[test]
@@ -272,6 +322,9 @@ mod tests {
         let (spec, ctx) = example();
         let plan = plan(&spec, &ctx, Action::Install);
         let files = plan["files"].as_array().unwrap();
-        assert_eq!(files.last().unwrap()["path"], "/etc/kubernetes/manifests/kubebao-kms.yaml");
+        assert_eq!(
+            files.last().unwrap()["path"],
+            "/etc/kubernetes/manifests/kubebao-kms.yaml"
+        );
     }
 }

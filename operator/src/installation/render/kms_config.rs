@@ -30,7 +30,9 @@ pub fn credential_path(spec: &KubeBaoInstallationSpec, file: &str) -> String {
 pub fn render(spec: &KubeBaoInstallationSpec, ctx: &Context) -> String {
     let kms = &spec.kms;
     let mut out = String::new();
-    out.push_str("# Rendered by kubebao-operator from the KubeBaoInstallation; edits are overwritten.\n");
+    out.push_str(
+        "# Rendered by kubebao-operator from the KubeBaoInstallation; edits are overwritten.\n",
+    );
     let mut line = |k: &str, v: &str| out.push_str(&format!("{k}: {}\n", quote(v)));
     line("socket", &kms.socket_path);
     line("http-addr", &format!("127.0.0.1:{}", kms.health_port));

@@ -88,7 +88,9 @@ pub(crate) mod snapshot {
         let this = if this.is_absolute() {
             this
         } else {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(this)
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join(this)
         };
         let path = this.parent().unwrap().join("snapshots").join(name);
         if std::env::var_os("KUBEBAO_UPDATE_SNAPSHOTS").is_some() {
@@ -113,14 +115,27 @@ pub(crate) mod snapshot {
                  If the change is intended, rerun with KUBEBAO_UPDATE_SNAPSHOTS=1 and review the diff.",
                 path.display(),
                 first + 1,
-                expected.lines().skip(first).take(5).collect::<Vec<_>>().join("\n"),
-                actual.lines().skip(first).take(5).collect::<Vec<_>>().join("\n"),
+                expected
+                    .lines()
+                    .skip(first)
+                    .take(5)
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                actual
+                    .lines()
+                    .skip(first)
+                    .take(5)
+                    .collect::<Vec<_>>()
+                    .join("\n"),
             );
         }
     }
 
     /// The spec the snapshots are rendered from: the README example with kubeadm defaults and a CA.
-    pub fn example() -> (crate::installation::types::KubeBaoInstallationSpec, super::Context) {
+    pub fn example() -> (
+        crate::installation::types::KubeBaoInstallationSpec,
+        super::Context,
+    ) {
         let spec = serde_json::from_value(serde_json::json!({
             "openbao": {"address": "https://openbao.example.com:8200"}
         }))

@@ -4,7 +4,9 @@
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::json;
 
-use crate::installation::render::{CONFIG_HASH_ANNOTATION, Context, hash_of, join, kms_config, labels, to_yaml};
+use crate::installation::render::{
+    CONFIG_HASH_ANNOTATION, Context, hash_of, join, kms_config, labels, to_yaml,
+};
 use crate::installation::types::KubeBaoInstallationSpec;
 
 /// File name of the manifest in the manifest dir.
@@ -109,7 +111,10 @@ pub fn config_hash(spec: &KubeBaoInstallationSpec, ctx: &Context) -> String {
     let mut parts = std::collections::BTreeMap::new();
     parts.insert("kms.yaml".to_string(), kms_config::render(spec, ctx));
     parts.insert("ca".to_string(), ctx.ca_pem.clone().unwrap_or_default());
-    parts.insert("config-path".to_string(), join(&spec.kms.config_dir, kms_config::FILE_NAME));
+    parts.insert(
+        "config-path".to_string(),
+        join(&spec.kms.config_dir, kms_config::FILE_NAME),
+    );
     hash_of(&parts)
 }
 
@@ -130,16 +135,31 @@ mod tests {
         let (spec, ctx) = example();
         let pod = pod(&spec, &ctx, "h");
         let ps = pod.spec.unwrap();
-        assert_eq!(ps.priority_class_name.as_deref(), Some("system-node-critical"));
+        assert_eq!(
+            ps.priority_class_name.as_deref(),
+            Some("system-node-critical")
+        );
         assert_eq!(ps.host_network, Some(true));
         let c = &ps.containers[0];
-        let probe = c.liveness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        let probe = c
+            .liveness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap();
         assert_eq!(probe.host.as_deref(), Some("127.0.0.1"));
         let sc = c.security_context.as_ref().unwrap();
         assert_eq!(sc.read_only_root_filesystem, Some(true));
         assert_eq!(sc.allow_privilege_escalation, Some(false));
-        assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_ref().unwrap(), &["ALL"]);
-        assert_eq!(c.args.as_ref().unwrap(), &["--config=/etc/kubebao/kms.yaml"]);
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().drop.as_ref().unwrap(),
+            &["ALL"]
+        );
+        assert_eq!(
+            c.args.as_ref().unwrap(),
+            &["--config=/etc/kubebao/kms.yaml"]
+        );
     }
 
     #[test]
