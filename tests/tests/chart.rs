@@ -1,0 +1,174 @@
+//! The Helm chart and the one-file install manifest, checked with the real helm and accepted by
+//! the real API server (server-side dry-run).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use kubebao_testbed::{Binaries, Testbed};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repository root")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+fn values_files() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo().join("charts/kubebao/ci"))
+        .expect("charts/kubebao/ci")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    assert!(
+        files.len() >= 3,
+        "expected several values files in charts/kubebao/ci"
+    );
+    files
+}
+
+fn render(helm: &Path, values: &Path, namespace: &str) -> String {
+    run(Command::new(helm)
+        .current_dir(repo())
+        .args([
+            "template",
+            "kubebao",
+            "charts/kubebao",
+            "--namespace",
+            namespace,
+            "--kube-version",
+            "1.35.4",
+            "-f",
+        ])
+        .arg(values))
+}
+
+#[test]
+fn chart_passes_helm_lint_with_every_values_file() {
+    let helm = Binaries::locate().helm;
+    for values in values_files() {
+        run(Command::new(&helm)
+            .current_dir(repo())
+            .args(["lint", "--strict", "charts/kubebao", "-f"])
+            .arg(&values));
+    }
+}
+
+#[test]
+fn values_schema_rejects_a_bad_value() {
+    let helm = Binaries::locate().helm;
+    let out = Command::new(&helm)
+        .current_dir(repo())
+        .args([
+            "template",
+            "kubebao",
+            "charts/kubebao",
+            "--kube-version",
+            "1.35.4",
+            "--set",
+            "global.openbao.authMethod=password",
+        ])
+        .output()
+        .expect("run helm");
+    assert!(
+        !out.status.success(),
+        "an unknown authMethod must be refused"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("authMethod"),
+        "the error names the field"
+    );
+}
+
+#[test]
+fn seed_values_render_the_operator_and_the_csi_driver_object() {
+    let helm = Binaries::locate().helm;
+    let rendered = render(
+        &helm,
+        &repo().join("charts/kubebao/ci/seed-values.yaml"),
+        "kubebao",
+    );
+    for kind in [
+        "kind: Deployment",
+        "kind: ClusterRole",
+        "kind: ServiceAccount",
+        "kind: CSIDriver",
+        "name: baosecrets.kubebao.io",
+        "name: baopolicies.kubebao.io",
+    ] {
+        assert!(
+            rendered.contains(kind),
+            "{kind} missing from the seed rendering"
+        );
+    }
+    assert!(rendered.contains("https://openbao.example.com:8200"));
+    assert!(
+        rendered.contains("runAsNonRoot: true")
+            && rendered.contains("readOnlyRootFilesystem: true")
+    );
+}
+
+#[tokio::test]
+async fn rendered_chart_is_accepted_by_the_api_server() {
+    let bed = Testbed::shared().await;
+    let crds = repo().join("crds");
+    bed.kubectl(&["apply", "--server-side", "-f", crds.to_str().expect("path")]);
+    bed.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "crd",
+        "--all",
+        "--timeout=60s",
+    ]);
+    for values in values_files() {
+        let ns = bed.namespace("chart").await;
+        let file = bed.dir().join(format!("rendered-{ns}.yaml"));
+        std::fs::write(&file, render(&bed.binaries().helm, &values, &ns)).expect("write rendering");
+        bed.kubectl(&[
+            "apply",
+            "--dry-run=server",
+            "-n",
+            &ns,
+            "-f",
+            file.to_str().expect("path"),
+        ]);
+    }
+}
+
+#[test]
+fn install_manifest_is_up_to_date() {
+    let helm = Binaries::locate().helm;
+    let fresh = run(Command::new(repo().join("deploy/render.sh")).arg(&helm));
+    let committed =
+        std::fs::read_to_string(repo().join("deploy/kubebao.yaml")).expect("deploy/kubebao.yaml");
+    assert!(
+        fresh == committed,
+        "deploy/kubebao.yaml is stale: run `make manifest` and commit it"
+    );
+}
+
+#[test]
+fn chart_crds_are_the_generated_crds() {
+    let generated =
+        std::fs::read_to_string(repo().join("crds/kubebao.io.yaml")).expect("crds/kubebao.io.yaml");
+    let in_chart =
+        std::fs::read_to_string(repo().join("charts/kubebao/files/crds/kubebao.io.yaml"))
+            .expect("chart copy of the CRDs");
+    assert!(
+        generated == in_chart,
+        "charts/kubebao/files/crds is stale: run `make crds` and commit it"
+    );
+}
