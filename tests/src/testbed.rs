@@ -39,13 +39,13 @@ pub(crate) async fn client_from_kubeconfig(path: &Path) -> Client {
 /// Starts a process that removes `dir` after this process has exited (or dropped the test
 /// bed) and every process started with `dir` in its command line is gone: the shared test bed
 /// lives in a static, which Rust never drops. `KUBEBAO_KEEP_TESTBED=1` keeps it for debugging.
-fn janitor(dir: &Path) -> std::process::ChildStdin {
+fn janitor(dir: &Path) -> std::process::Child {
     const SCRIPT: &str = r#"
 cat >/dev/null
 while pgrep -f -- "$1" | grep -qvx "$$"; do sleep 0.2; done
 [ -n "${KUBEBAO_KEEP_TESTBED:-}" ] || rm -rf -- "$1"
 "#;
-    let mut child = std::process::Command::new("sh")
+    std::process::Command::new("sh")
         .arg("-c")
         .arg(SCRIPT)
         .arg("janitor")
@@ -53,8 +53,7 @@ while pgrep -f -- "$1" | grep -qvx "$$"; do sleep 0.2; done
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .spawn()
-        .expect("start the test bed janitor");
-    child.stdin.take().expect("janitor stdin")
+        .expect("start the test bed janitor")
 }
 
 /// What to start.
@@ -87,7 +86,8 @@ pub struct Testbed {
     openbao: Option<OpenBaoServer>,
     kubernetes_auth: OnceCell<()>,
     /// Removes the temporary directory once every process using it is gone (see `janitor`).
-    _janitor: std::process::ChildStdin,
+    /// (Its stdin is the lifeline: closed when this is dropped or the process exits.)
+    _janitor: std::process::Child,
     /// Last field: dropped (removed) after every component above has stopped.
     dir: tempfile::TempDir,
 }
