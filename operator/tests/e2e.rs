@@ -1,0 +1,951 @@
+//! End-to-end: the real `kubebao-operator` binary against the test bed's kube-apiserver,
+//! kube-controller-manager (garbage collection) and OpenBao.
+//!
+//! Two operator replicas share one Lease for the whole file; the operator's OpenBao identity is
+//! a token whose policy covers only `sys/policies/acl/*` and `auth/kubernetes/role/*` (no KV
+//! access at all, so it cannot read tenant data even by mistake).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams,
+};
+use kubebao_testbed::{Component, Testbed, wait_for};
+use reqwest::Method;
+use serde_json::{Value, json};
+use tokio::sync::{Mutex, OnceCell};
+
+const WAIT: Duration = Duration::from_secs(60);
+const OPERATOR_POLICY: &str = r#"
+path "sys/policies/acl/*" { capabilities = ["create", "read", "update", "delete", "list"] }
+path "auth/kubernetes/role/*" { capabilities = ["create", "read", "update", "delete", "list"] }
+"#;
+
+struct Operator {
+    process: Component,
+    metrics: String,
+}
+
+struct Setup {
+    bed: &'static Testbed,
+    operators: Mutex<Vec<Operator>>,
+}
+
+static SETUP: OnceCell<Setup> = OnceCell::const_new();
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs kubectl; Ok(stdout) or Err(stderr).
+fn kubectl(bed: &Testbed, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
+    use std::io::Write;
+    let mut child = std::process::Command::new(&bed.binaries().kubectl)
+        .arg(format!("--kubeconfig={}", bed.kubeconfig().display()))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run kubectl");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.unwrap_or("").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn apply(bed: &Testbed, yaml: &str) {
+    if let Err(e) = kubectl(bed, &["apply", "-f", "-"], Some(yaml)) {
+        panic!("kubectl apply failed: {e}\n{yaml}");
+    }
+}
+
+fn start_operator(bed: &Testbed, n: usize, token_file: &std::path::Path) -> Operator {
+    let port = free_port();
+    let args: Vec<String> = [
+        "--openbao-addr",
+        bed.openbao().addr(),
+        "--openbao-token-file",
+        &token_file.display().to_string(),
+        "--namespace",
+        "kubebao-system",
+        "--pod-name",
+        &format!("operator-{n}"),
+        "--metrics-addr",
+        &format!("127.0.0.1:{port}"),
+        "--lease-duration",
+        "4s",
+        "--policy-resync",
+        "2s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let kubeconfig = bed.kubeconfig().display().to_string();
+    let process = Component::start_with_env(
+        &format!("kubebao-operator-{n}"),
+        bed.dir(),
+        &PathBuf::from(env!("CARGO_BIN_EXE_kubebao-operator")),
+        &args,
+        &[("KUBECONFIG", &kubeconfig), ("RUST_LOG", "info,kube=warn")],
+    );
+    Operator {
+        process,
+        metrics: format!("http://127.0.0.1:{port}/metrics"),
+    }
+}
+
+async fn setup() -> &'static Setup {
+    SETUP
+        .get_or_init(|| async {
+            let bed = Testbed::shared().await;
+            bed.enable_kubernetes_auth().await;
+            let bao = bed.openbao();
+            bao.enable_engine("secret", "kv", Some(2)).await;
+            bao.enable_engine("kv1", "kv", Some(1)).await;
+            bao.root(
+                Method::POST,
+                "sys/policies/acl/kubebao-operator",
+                Some(json!({"policy": OPERATOR_POLICY})),
+            )
+            .await;
+            let token = bao
+                .root(
+                    Method::POST,
+                    "auth/token/create",
+                    Some(json!({"policies": ["kubebao-operator"], "ttl": "1h", "renewable": true})),
+                )
+                .await
+                .expect("token response")["auth"]["client_token"]
+                .as_str()
+                .expect("token")
+                .to_string();
+            let token_file = bed.dir().join("operator-token");
+            std::fs::write(&token_file, token).unwrap();
+            let crds = std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../crds/kubebao.io.yaml"
+            ))
+            .unwrap();
+            apply(bed, &crds);
+            kubectl(
+                bed,
+                &[
+                    "wait",
+                    "--for=condition=Established",
+                    "crd/baosecrets.kubebao.io",
+                    "crd/baopolicies.kubebao.io",
+                    "--timeout=60s",
+                ],
+                None,
+            )
+            .expect("CRDs established");
+            let _ = kubectl(bed, &["create", "namespace", "kubebao-system"], None);
+            let mut operators = vec![
+                start_operator(bed, 1, &token_file),
+                start_operator(bed, 2, &token_file),
+            ];
+            for op in &mut operators {
+                let ready = op.metrics.replace("/metrics", "/readyz");
+                wait_for("the operator to be ready", WAIT, || {
+                    op.process.assert_running();
+                    let ready = ready.clone();
+                    async move {
+                        match reqwest::get(&ready).await {
+                            Ok(r) if r.status().is_success() => Ok(()),
+                            other => Err(format!("{other:?}")),
+                        }
+                    }
+                })
+                .await;
+            }
+            Setup {
+                bed,
+                operators: Mutex::new(operators),
+            }
+        })
+        .await
+}
+
+fn gvk(kind: &str) -> ApiResource {
+    ApiResource::from_gvk(&GroupVersionKind::gvk("kubebao.io", "v1alpha1", kind))
+}
+
+async fn baosecrets(bed: &Testbed, ns: &str) -> Api<DynamicObject> {
+    Api::namespaced_with(bed.client().await, ns, &gvk("BaoSecret"))
+}
+
+async fn baopolicies(bed: &Testbed) -> Api<DynamicObject> {
+    Api::all_with(bed.client().await, &gvk("BaoPolicy"))
+}
+
+fn condition(obj: &DynamicObject, type_: &str) -> Option<(String, String, String)> {
+    obj.data["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .map(|c| {
+            (
+                c["status"].as_str().unwrap_or_default().to_string(),
+                c["reason"].as_str().unwrap_or_default().to_string(),
+                c["message"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+}
+
+/// Waits until `name` has condition `type_` = `status` with `reason`; returns the message.
+async fn wait_condition(
+    api: &Api<DynamicObject>,
+    name: &str,
+    type_: &str,
+    status: &str,
+    reason: &str,
+) -> String {
+    wait_for(
+        &format!("{name} to have {type_}={status} ({reason})"),
+        WAIT,
+        || async {
+            let obj = api.get(name).await.map_err(|e| e.to_string())?;
+            match condition(&obj, type_) {
+                Some((s, r, m)) if s == status && r == reason => Ok(m),
+                other => Err(format!(
+                    "conditions now: {other:?}; status: {}",
+                    obj.data["status"]
+                )),
+            }
+        },
+    )
+    .await
+}
+
+/// A namespace with a KV v2 secret at `secret/data/<ns>/app` and an OpenBao role named after
+/// the namespace (the BaoSecret default) that may read it.
+async fn tenant(bed: &Testbed, prefix: &str, data: Value) -> String {
+    let ns = bed.namespace(prefix).await;
+    let bao = bed.openbao();
+    bao.root(
+        Method::POST,
+        &format!("secret/data/{ns}/app"),
+        Some(json!({"data": data})),
+    )
+    .await;
+    let policy = format!(
+        "path \"secret/data/{ns}/*\" {{ capabilities = [\"read\"] }}\npath \"secret/metadata/{ns}/*\" {{ capabilities = [\"read\"] }}\n"
+    );
+    bao.root(
+        Method::POST,
+        &format!("sys/policies/acl/tenant-{ns}"),
+        Some(json!({"policy": policy})),
+    )
+    .await;
+    bao.root(
+        Method::POST,
+        &format!("auth/kubernetes/role/{ns}"),
+        Some(json!({"bound_service_account_names": ["default"], "bound_service_account_namespaces": [ns], "token_policies": [format!("tenant-{ns}")], "token_ttl": "1h"})),
+    )
+    .await;
+    wait_for("the default ServiceAccount", WAIT, || async {
+        kubectl(bed, &["-n", &ns, "get", "serviceaccount", "default"], None).map(|_| ())
+    })
+    .await;
+    ns
+}
+
+async fn secret_data(api: &Api<Secret>, name: &str, key: &str) -> Result<String, String> {
+    let s = api.get(name).await.map_err(|e| e.to_string())?;
+    let v = s
+        .data
+        .unwrap_or_default()
+        .get(key)
+        .cloned()
+        .ok_or(format!("no key {key}"))?;
+    Ok(String::from_utf8(v.0).unwrap())
+}
+
+async fn metric(url: &str, needle: &str) -> f64 {
+    let text = reqwest::get(url)
+        .await
+        .map_err(|e| e.to_string())
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(needle))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Sum of a metric over every live operator.
+async fn metric_all(setup: &Setup, needle: &str) -> f64 {
+    let urls: Vec<String> = setup
+        .operators
+        .lock()
+        .await
+        .iter()
+        .map(|o| o.metrics.clone())
+        .collect();
+    let mut total = 0.0;
+    for u in urls {
+        if let Ok(resp) = reqwest::get(&u).await {
+            let text = resp.text().await.unwrap_or_default();
+            total += text
+                .lines()
+                .filter(|l| l.starts_with(needle))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>();
+        }
+    }
+    total
+}
+
+#[tokio::test]
+async fn seed_examples_work_as_written() {
+    let setup = setup().await;
+    let bed = setup.bed;
+    let bao = bed.openbao();
+    bao.root(
+        Method::POST,
+        "secret/data/myapp",
+        Some(json!({"data": {"username": "app", "password": "seed-pass"}})),
+    )
+    .await;
+    // The role the seed BaoSecret uses by default (its namespace's name), given by a BaoPolicy.
+    apply(
+        bed,
+        r#"
+apiVersion: kubebao.io/v1alpha1
+kind: BaoPolicy
+metadata:
+  name: default-namespace-reader
+spec:
+  rules:
+    - path: "secret/data/myapp"
+      capabilities: [read]
+    - path: "secret/metadata/myapp"
+      capabilities: [read]
+  roles:
+    - name: default
+      boundServiceAccountNames: [default]
+      boundServiceAccountNamespaces: [default]
+      tokenTTL: 1h
+"#,
+    );
+    // The original plan's two examples, verbatim.
+    apply(
+        bed,
+        r#"
+apiVersion: kubebao.io/v1alpha1
+kind: BaoPolicy
+metadata:
+  name: my-app-policy
+spec:
+  rules:
+    - path: "secret/data/myapp/*"
+      capabilities: [read, list]
+"#,
+    );
+    apply(
+        bed,
+        r#"
+apiVersion: kubebao.io/v1alpha1
+kind: BaoSecret
+metadata:
+  name: my-app-secrets
+spec:
+  secretPath: "secret/data/myapp"
+  target:
+    name: my-app-secret
+    namespace: default
+  refreshInterval: 1h
+"#,
+    );
+    let policies = baopolicies(bed).await;
+    wait_condition(&policies, "my-app-policy", "Ready", "True", "Synced").await;
+    let hcl = bao
+        .root(Method::GET, "sys/policies/acl/my-app-policy", None)
+        .await
+        .unwrap()["data"]["policy"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        hcl.starts_with("# managed-by: kubebao.io BaoPolicy "),
+        "{hcl}"
+    );
+    assert!(
+        hcl.contains("path \"secret/data/myapp/*\" {\n  capabilities = [\"read\", \"list\"]\n}"),
+        "{hcl}"
+    );
+    let role = bao
+        .root(Method::GET, "auth/kubernetes/role/default", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        role["data"]["token_policies"],
+        json!(["default-namespace-reader"])
+    );
+
+    let bs = baosecrets(bed, "default").await;
+    wait_condition(&bs, "my-app-secrets", "Ready", "True", "Synced").await;
+    let secrets: Api<Secret> = Api::namespaced(bed.client().await, "default");
+    assert_eq!(
+        secret_data(&secrets, "my-app-secret", "password")
+            .await
+            .unwrap(),
+        "seed-pass"
+    );
+    let obj = bs.get("my-app-secrets").await.unwrap();
+    assert_eq!(obj.data["status"]["kvVersion"], 1);
+    let hash = obj.data["status"]["dataHash"].as_str().unwrap();
+    assert!(hash.starts_with("hmac-sha256:") && !hash.contains("seed-pass"));
+    let printed = kubectl(bed, &["-n", "default", "get", "bs", "my-app-secrets"], None).unwrap();
+    assert!(
+        printed.contains("secret/data/myapp") && printed.contains("True"),
+        "{printed}"
+    );
+}
+
+#[tokio::test]
+async fn refresh_writes_only_when_the_kv_version_changes() {
+    let setup = setup().await;
+    let bed = setup.bed;
+    let ns = tenant(bed, "refresh", json!({"user": "u", "pass": "v1"})).await;
+    apply(
+        bed,
+        &format!(
+            r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web, namespace: {ns}}}
+spec:
+  replicas: 0
+  selector: {{matchLabels: {{app: web}}}}
+  template:
+    metadata: {{labels: {{app: web}}}}
+    spec: {{containers: [{{name: c, image: busybox}}]}}
+---
+apiVersion: kubebao.io/v1alpha1
+kind: BaoSecret
+metadata: {{name: app, namespace: {ns}}}
+spec:
+  secretPath: secret/data/{ns}/app
+  refreshInterval: 2s
+  keys: [{{from: pass, to: password}}]
+  target:
+    name: app
+    type: Opaque
+    labels: {{team: a}}
+    annotations: {{note: hi}}
+  rolloutRestartTargets: [{{kind: Deployment, name: web}}]
+"#
+        ),
+    );
+    let bs = baosecrets(bed, &ns).await;
+    wait_condition(&bs, "app", "Ready", "True", "Synced").await;
+    let secrets: Api<Secret> = Api::namespaced(bed.client().await, &ns);
+    let first = secrets.get("app").await.unwrap();
+    assert_eq!(
+        first.data.as_ref().unwrap().keys().collect::<Vec<_>>(),
+        vec!["password"]
+    );
+    assert_eq!(first.metadata.labels.as_ref().unwrap()["team"], "a");
+    assert_eq!(first.metadata.annotations.as_ref().unwrap()["note"], "hi");
+    let deployments: Api<Deployment> = Api::namespaced(bed.client().await, &ns);
+    let restarted = |d: Deployment| {
+        d.spec
+            .and_then(|s| s.template.metadata)
+            .and_then(|m| m.annotations)
+            .and_then(|a| a.get("kubebao.io/restartedAt").cloned())
+    };
+    assert_eq!(
+        restarted(deployments.get("web").await.unwrap()),
+        None,
+        "first sync restarts nothing"
+    );
+
+    // Several refresh cycles pass (KV metadata reads counted by the operators)…
+    let before = metric_all(
+        setup,
+        "kubebao_operator_openbao_requests_total{op=\"kv_metadata\"",
+    )
+    .await;
+    wait_for("three more metadata checks", WAIT, || async {
+        let now = metric_all(
+            setup,
+            "kubebao_operator_openbao_requests_total{op=\"kv_metadata\"",
+        )
+        .await;
+        if now >= before + 3.0 {
+            Ok(())
+        } else {
+            Err(format!("{now} checks"))
+        }
+    })
+    .await;
+    // …and the unchanged Secret was never written again, the workload never restarted.
+    let same = secrets.get("app").await.unwrap();
+    assert_eq!(
+        same.metadata.resource_version,
+        first.metadata.resource_version
+    );
+    assert_eq!(restarted(deployments.get("web").await.unwrap()), None);
+
+    bed.openbao()
+        .root(
+            Method::POST,
+            &format!("secret/data/{ns}/app"),
+            Some(json!({"data": {"user": "u", "pass": "v2"}})),
+        )
+        .await;
+    wait_for("the Secret to hold v2", WAIT, || async {
+        match secret_data(&secrets, "app", "password").await? {
+            v if v == "v2" => Ok(()),
+            v => Err(format!("still {} bytes of old data", v.len())),
+        }
+    })
+    .await;
+    wait_for("status kvVersion 2", WAIT, || async {
+        let o = bs.get("app").await.map_err(|e| e.to_string())?;
+        if o.data["status"]["kvVersion"] == 2 {
+            Ok(())
+        } else {
+            Err(o.data["status"].to_string())
+        }
+    })
+    .await;
+    wait_for("the Deployment restarted", WAIT, || async {
+        restarted(deployments.get("web").await.map_err(|e| e.to_string())?)
+            .ok_or("no restartedAt".to_string())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn deleted_or_edited_secret_is_restored() {
+    let setup = setup().await;
+    let bed = setup.bed;
+    let ns = tenant(bed, "restore", json!({"pass": "good"})).await;
+    apply(
+        bed,
+        &format!(
+            "apiVersion: kubebao.io/v1alpha1\nkind: BaoSecret\nmetadata: {{name: app, namespace: {ns}}}\nspec: {{secretPath: secret/data/{ns}/app, target: {{name: app}}}}\n"
+        ),
+    );
+    let bs = baosecrets(bed, &ns).await;
+    wait_condition(&bs, "app", "Ready", "True", "Synced").await;
+    let secrets: Api<Secret> = Api::namespaced(bed.client().await, &ns);
+    secrets
+        .patch(
+            "app",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"pass": "ZXZpbA=="}})),
+        )
+        .await
+        .unwrap();
+    wait_for("the edited Secret restored", WAIT, || async {
+        match secret_data(&secrets, "app", "pass").await? {
+            v if v == "good" => Ok(()),
+            _ => Err("still edited".into()),
+        }
+    })
+    .await;
+    secrets
+        .delete("app", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("the deleted Secret recreated", WAIT, || async {
+        match secret_data(&secrets, "app", "pass").await? {
+            v if v == "good" => Ok(()),
+            _ => Err("wrong data".into()),
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn owner_secret_is_collected_and_orphan_secret_is_kept() {
+    let setup = setup().await;
+    let bed = setup.bed;
+    let ns = tenant(bed, "policy", json!({"pass": "x"})).await;
+    for (name, policy) in [("owned", "Owner"), ("orphan", "Orphan")] {
+        apply(
+            bed,
+            &format!(
+                "apiVersion: kubebao.io/v1alpha1\nkind: BaoSecret\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{secretPath: secret/data/{ns}/app, target: {{name: {name}, creationPolicy: {policy}}}}}\n"
+            ),
+        );
+    }
+    let bs = baosecrets(bed, &ns).await;
+    wait_condition(&bs, "owned", "Ready", "True", "Synced").await;
+    wait_condition(&bs, "orphan", "Ready", "True", "Synced").await;
+    let secrets: Api<Secret> = Api::namespaced(bed.client().await, &ns);
+    let orphan = secrets.get("orphan").await.unwrap();
+    assert!(orphan.metadata.owner_references.is_none());
+    bs.delete("orphan", &DeleteParams::default()).await.unwrap();
+    bs.delete("owned", &DeleteParams::default()).await.unwrap();
+    wait_for("the owned Secret garbage-collected", WAIT, || async {
+        match secrets.get_opt("owned").await.map_err(|e| e.to_string())? {
+            None => Ok(()),
+            Some(_) => Err("still there".into()),
+        }
+    })
+    .await;
+    assert_eq!(
+        secret_data(&secrets, "orphan", "pass").await.unwrap(),
+        "x",
+        "orphan Secret kept"
+    );
+}
+
+#[tokio::test]
+async fn tenants_read_only_what_their_role_allows_and_only_into_their_namespace() {
+    let setup = setup().await;
+    let bed = setup.bed;
+    let ns = tenant(bed, "tenant", json!({"pass": "x"})).await;
+    bed.openbao()
+        .root(
+            Method::POST,
+            "secret/data/other-team/db",
+            Some(json!({"data": {"pass": "theirs"}})),
+        )
+        .await;
+    apply(
+        bed,
+        &format!(
+            "apiVersion: kubebao.io/v1alpha1\nkind: BaoSecret\nmetadata: {{name: steal, namespace: {ns}}}\nspec: {{secretPath: secret/data/other-team/db, target: {{name: steal}}}}\n---\napiVersion: kubebao.io/v1alpha1\nkind: BaoSecret\nmetadata: {{name: elsewhere, namespace: {ns}}}\nspec: {{secretPath: secret/data/{ns}/app, target: {{name: x, namespace: default}}}}\n"
+        ),
+    );
+    let bs = baosecrets(bed, &ns).await;
+    let message = wait_condition(&bs, "steal", "Stalled", "True", "PermissionDenied").await;
+    assert!(
+        message.contains(&format!("role \"{ns}\""))
+            && message.contains("secret/data/other-team/db"),
+        "{message}"
+    );
+    let ready = condition(&bs.get("steal").await.unwrap(), "Ready").unwrap();
+    assert_eq!(
+        (ready.0.as_str(), ready.1.as_str()),
+        ("False", "PermissionDenied")
+    );
+    let message = wait_condition(&bs, "elsewhere", "Stalled", "True", "CrossNamespaceTarget").await;
+    assert!(message.contains("own namespace"), "{message}");
+    let secrets: Api<Secret> = Api::namespaced(bed.client().await, &ns);
+    assert!(secrets.get_opt("steal").await.unwrap().is_none());
+    let default: Api<Secret> = Api::namespaced(bed.client().await, "default");
+    assert!(
+        default.get_opt("x").await.unwrap().is_none(),
+        "nothing written into another namespace"
+    );
+}
+
+#[tokio::test]
+async fn api_server_rejects_invalid_objects_with_readable_messages() {
+    let setup = setup().await;
+    let bed = setup.bed;
+    let both = "apiVersion: kubebao.io/v1alpha1\nkind: BaoPolicy\nmetadata: {name: both}\nspec:\n  hcl: 'path \"a\" { capabilities = [\"read\"] }'\n  rules: [{path: a, capabilities: [read]}]\n";
+    let err = kubectl(bed, &["apply", "-f", "-"], Some(both)).unwrap_err();
+    assert!(err.contains("set exactly one of rules or hcl"), "{err}");
+    let injection = "apiVersion: kubebao.io/v1alpha1\nkind: BaoPolicy\nmetadata: {name: evil}\nspec:\n  rules: [{path: \"secret/x\\\" {\\n capabilities = [\\\"sudo\\\"] }\\npath \\\"*\", capabilities: [read]}]\n";
+    let err = kubectl(bed, &["apply", "-f", "-"], Some(injection)).unwrap_err();
+    assert!(
+        err.contains("spec.rules[0].path") && err.contains("should match"),
+        "{err}"
+    );
+    let bad_cap = "apiVersion: kubebao.io/v1alpha1\nkind: BaoPolicy\nmetadata: {name: badcap}\nspec: {rules: [{path: a, capabilities: [root]}]}\n";
+    let err = kubectl(bed, &["apply", "-f", "-"], Some(bad_cap)).unwrap_err();
+    assert!(err.contains("Unsupported value: \"root\""), "{err}");
+    let no_path = "apiVersion: kubebao.io/v1alpha1\nkind: BaoSecret\nmetadata: {name: nopath, namespace: default}\nspec: {target: {name: x, creationPolicy: Steal}}\n";
+    let err = kubectl(bed, &["apply", "-f", "-"], Some(no_path)).unwrap_err();
+    assert!(
+        err.contains("spec.secretPath: Required value")
+            && err.contains("Unsupported value: \"Steal\""),
+        "{err}"
+    );
+    let explain = kubectl(
+        bed,
+        &["explain", "baosecret.spec.target.creationPolicy"],
+        None,
+    )
+    .unwrap();
+    assert!(explain.contains("Who owns the Secret"), "{explain}");
+}
+
+#[tokio::test]
+async fn baopolicy_lifecycle_is_reflected_in_openbao() {
+    let setup = setup().await;
+    let bed = setup.bed;
+    let bao = bed.openbao();
+    let read = |name: &'static str| async move {
+        bao.client()
+            .policy_read(bao.root_token(), name)
+            .await
+            .unwrap()
+    };
+    apply(
+        bed,
+        "apiVersion: kubebao.io/v1alpha1\nkind: BaoPolicy\nmetadata: {name: life}\nspec:\n  rules: [{path: \"app/data/*\", capabilities: [read]}]\n  roles: [{name: life-role, boundServiceAccountNames: [app], boundServiceAccountNamespaces: [team-a], tokenTTL: 10m}]\n",
+    );
+    let policies = baopolicies(bed).await;
+    wait_condition(&policies, "life", "Ready", "True", "Synced").await;
+    assert!(read("life").await.unwrap().contains("path \"app/data/*\""));
+    let role = bao
+        .root(Method::GET, "auth/kubernetes/role/life-role", None)
+        .await
+        .unwrap();
+    assert_eq!(role["data"]["token_ttl"], 600);
+
+    // Update.
+    apply(
+        bed,
+        "apiVersion: kubebao.io/v1alpha1\nkind: BaoPolicy\nmetadata: {name: life}\nspec:\n  rules: [{path: \"app/data/*\", capabilities: [read, list]}]\n  roles: [{name: life-role, boundServiceAccountNames: [app], boundServiceAccountNamespaces: [team-a], tokenTTL: 10m}]\n",
+    );
+    wait_for("the update in OpenBao", WAIT, || async {
+        let hcl = read("life").await.unwrap_or_default();
+        if hcl.contains("[\"read\", \"list\"]") {
+            Ok(())
+        } else {
+            Err(hcl)
+        }
+    })
+    .await;
+    // Drift: edited in OpenBao → restored at resync; deleted in OpenBao → recreated.
+    bao.root(
+        Method::POST,
+        "sys/policies/acl/life",
+        Some(json!({"policy": "path \"*\" { capabilities = [\"sudo\"] }"})),
+    )
+    .await;
+    wait_for("the drift repaired", WAIT, || async {
+        let hcl = read("life").await.unwrap_or_default();
+        if hcl.contains("[\"read\", \"list\"]") {
+            Ok(())
+        } else {
+            Err(hcl)
+        }
+    })
+    .await;
+    bao.root(Method::DELETE, "sys/policies/acl/life", None)
+        .await;
+    bao.root(Method::DELETE, "auth/kubernetes/role/life-role", None)
+        .await;
+    wait_for("the deleted policy and role recreated", WAIT, || async {
+        let role = bao
+            .client()
+            .read("auth/kubernetes/role/life-role", bao.root_token())
+            .await
+            .map_err(|e| e.to_string())?;
+        let hcl = read("life").await.ok_or("no policy")?;
+        (hcl.contains("read") && role.data.is_some())
+            .then_some(())
+            .ok_or("not yet".to_string())
+    })
+    .await;
+    // Delete: policy and role removed.
+    policies
+        .delete("life", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("the policy removed", WAIT, || async {
+        match read("life").await {
+            None => Ok(()),
+            Some(_) => Err("still there".into()),
+        }
+    })
+    .await;
+    assert!(
+        bao.client()
+            .read("auth/kubernetes/role/life-role", bao.root_token())
+            .await
+            .unwrap_err()
+            .is_not_found()
+    );
+
+    // Retain: the policy stays.
+    apply(
+        bed,
+        "apiVersion: kubebao.io/v1alpha1\nkind: BaoPolicy\nmetadata: {name: kept}\nspec: {deletionPolicy: Retain, hcl: 'path \"kept/*\" { capabilities = [\"read\"] }'}\n",
+    );
+    wait_condition(&policies, "kept", "Ready", "True", "Synced").await;
+    policies
+        .delete("kept", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("the BaoPolicy gone", WAIT, || async {
+        match policies.get_opt("kept").await.map_err(|e| e.to_string())? {
+            None => Ok(()),
+            Some(_) => Err("still there".into()),
+        }
+    })
+    .await;
+    assert!(read("kept").await.unwrap().contains("kept/*"));
+}
+
+#[tokio::test]
+async fn baopolicy_never_takes_a_policy_it_does_not_own() {
+    let setup = setup().await;
+    let bed = setup.bed;
+    let bao = bed.openbao();
+    let foreign = "path \"foreign/*\" { capabilities = [\"read\"] }";
+    bao.root(
+        Method::POST,
+        "sys/policies/acl/foreign",
+        Some(json!({"policy": foreign})),
+    )
+    .await;
+    apply(
+        bed,
+        "apiVersion: kubebao.io/v1alpha1\nkind: BaoPolicy\nmetadata: {name: foreign}\nspec: {rules: [{path: \"mine/*\", capabilities: [read]}]}\n",
+    );
+    let policies = baopolicies(bed).await;
+    let message = wait_condition(&policies, "foreign", "Stalled", "True", "NotOwned").await;
+    assert!(message.contains("adopt"), "{message}");
+    assert_eq!(
+        bao.client()
+            .policy_read(bao.root_token(), "foreign")
+            .await
+            .unwrap()
+            .unwrap(),
+        foreign
+    );
+    // Explicit adoption.
+    apply(
+        bed,
+        "apiVersion: kubebao.io/v1alpha1\nkind: BaoPolicy\nmetadata: {name: foreign}\nspec: {adopt: true, rules: [{path: \"mine/*\", capabilities: [read]}]}\n",
+    );
+    wait_condition(&policies, "foreign", "Ready", "True", "Synced").await;
+    let hcl = bao
+        .client()
+        .policy_read(bao.root_token(), "foreign")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        hcl.starts_with("# managed-by: kubebao.io BaoPolicy ") && hcl.contains("mine/*"),
+        "{hcl}"
+    );
+
+    // Two BaoPolicies, one OpenBao name: the later one reports Conflict and writes nothing.
+    apply(
+        bed,
+        "apiVersion: kubebao.io/v1alpha1\nkind: BaoPolicy\nmetadata: {name: first}\nspec: {name: shared, rules: [{path: \"first/*\", capabilities: [read]}]}\n",
+    );
+    wait_condition(&policies, "first", "Ready", "True", "Synced").await;
+    apply(
+        bed,
+        "apiVersion: kubebao.io/v1alpha1\nkind: BaoPolicy\nmetadata: {name: second}\nspec: {name: shared, rules: [{path: \"second/*\", capabilities: [read]}]}\n",
+    );
+    let message = wait_condition(&policies, "second", "Stalled", "True", "Conflict").await;
+    assert!(message.contains("BaoPolicy first"), "{message}");
+    // Deleting the loser leaves the winner's policy in place.
+    policies
+        .delete("second", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("second gone", WAIT, || async {
+        match policies
+            .get_opt("second")
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            None => Ok(()),
+            Some(_) => Err("still there".into()),
+        }
+    })
+    .await;
+    let hcl = bao
+        .client()
+        .policy_read(bao.root_token(), "shared")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(hcl.contains("first/*"), "{hcl}");
+}
+
+#[tokio::test]
+async fn parameter_injection_is_refused_and_nothing_is_written() {
+    let setup = setup().await;
+    let bed = setup.bed;
+    apply(
+        bed,
+        "apiVersion: kubebao.io/v1alpha1\nkind: BaoPolicy\nmetadata: {name: sneaky}\nspec:\n  rules:\n    - path: ok/path\n      capabilities: [update]\n      allowedParameters: {ttl: [\"1h\\\"]\\n}\\npath \\\"sys/*\\\" {\\n capabilities = [\\\"sudo\\\"]\\n}\\n#\"]}\n",
+    );
+    let policies = baopolicies(bed).await;
+    let message = wait_condition(&policies, "sneaky", "Stalled", "True", "InvalidRule").await;
+    assert!(message.contains("allowed_parameters"), "{message}");
+    let bao = bed.openbao();
+    assert_eq!(
+        bao.client()
+            .policy_read(bao.root_token(), "sneaky")
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+#[tokio::test]
+async fn a_standby_replica_takes_over_when_the_leader_dies() {
+    let setup = setup().await;
+    let bed = setup.bed;
+    let mut operators = setup.operators.lock().await;
+    let leader = wait_for("one leader among two replicas", WAIT, || {
+        let urls: Vec<String> = operators.iter().map(|o| o.metrics.clone()).collect();
+        async move {
+            let mut leaders = Vec::new();
+            for (i, u) in urls.iter().enumerate() {
+                if metric(u, "kubebao_operator_leader ").await == 1.0 {
+                    leaders.push(i);
+                }
+            }
+            if leaders.len() == 1 {
+                Ok(leaders[0])
+            } else {
+                Err(format!("leaders: {leaders:?}"))
+            }
+        }
+    })
+    .await;
+    operators[leader].process.kill();
+    let dead = operators.remove(leader);
+    let survivor = operators[0].metrics.clone();
+    drop(operators);
+    drop(dead);
+    wait_for("the standby to lead", WAIT, || async {
+        if metric(&survivor, "kubebao_operator_leader ").await == 1.0 {
+            Ok(())
+        } else {
+            Err("standby".into())
+        }
+    })
+    .await;
+    let ns = tenant(bed, "failover", json!({"pass": "after"})).await;
+    apply(
+        bed,
+        &format!(
+            "apiVersion: kubebao.io/v1alpha1\nkind: BaoSecret\nmetadata: {{name: app, namespace: {ns}}}\nspec: {{secretPath: secret/data/{ns}/app, target: {{name: app}}}}\n"
+        ),
+    );
+    wait_condition(
+        &baosecrets(bed, &ns).await,
+        "app",
+        "Ready",
+        "True",
+        "Synced",
+    )
+    .await;
+}
