@@ -25,9 +25,9 @@ use sha2::{Digest, Sha256};
 /// Prefix of every key_id this plugin issues (format version 1).
 pub const KEY_ID_PREFIX: &str = "kb1-";
 /// Annotation holding the Transit key version (not secret).
-pub const ANNOTATION_KEY_VERSION: &str = "kubebao.io/key-version";
+pub const ANNOTATION_KEY_VERSION: &str = "key-version.kubebao.io";
 /// Annotation holding the envelope format (not secret).
-pub const ANNOTATION_FORMAT: &str = "kubebao.io/format";
+pub const ANNOTATION_FORMAT: &str = "format.kubebao.io";
 /// The envelope format this plugin writes.
 pub const FORMAT: &str = "transit-v1";
 /// Largest plaintext accepted. The API server sends a 32-byte DEK seed; 512 bytes leaves room
@@ -251,14 +251,26 @@ mod tests {
         assert_eq!(check_annotations(&ours, 4), Ok(()));
         assert!(check_annotations(&ours, 5).is_err());
         let mut extra = ours.clone();
-        extra.insert("evil.example.com/x".into(), b"1".to_vec());
+        extra.insert("evil.example.com".into(), b"1".to_vec());
         assert!(check_annotations(&extra, 4).is_err());
         let mut missing = ours.clone();
         missing.remove(ANNOTATION_FORMAT);
         assert!(check_annotations(&missing, 4).is_err());
         assert!(check_annotations(&HashMap::new(), 4).is_err());
-        // Every key is a fully qualified name, as the API server requires.
-        assert!(ours.keys().all(|k| k.contains('.') && k.contains('/')));
+        // Every key is a fully qualified domain name, as the API server requires
+        // (validation.IsFullyQualifiedDomainName: lowercase labels, at least two, no '/').
+        for k in ours.keys() {
+            let labels: Vec<&str> = k.split('.').collect();
+            assert!(labels.len() >= 2, "{k}");
+            assert!(
+                labels.iter().all(|l| !l.is_empty()
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+                    && l.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')),
+                "{k} is not a fully qualified domain name"
+            );
+        }
     }
 
     #[test]

@@ -60,7 +60,7 @@ async fn rotation_shows_in_status_and_old_versions_decrypt_until_openbao_forbids
         old.key_id, before.key_id,
         "Encrypt and Status agree on key_id"
     );
-    assert_eq!(old.annotations["kubebao.io/key-version"], b"1");
+    assert_eq!(old.annotations["key-version.kubebao.io"], b"1");
     assert!(
         !old.ciphertext.windows(8).any(|w| w == b"01234567"),
         "ciphertext holds no plaintext"
@@ -88,7 +88,7 @@ async fn rotation_shows_in_status_and_old_versions_decrypt_until_openbao_forbids
     .await;
     let new = encrypt(&mut kms, b"fresh seed").await.expect("encrypt v2");
     assert_eq!(new.key_id, rotated);
-    assert_eq!(new.annotations["kubebao.io/key-version"], b"2");
+    assert_eq!(new.annotations["key-version.kubebao.io"], b"2");
     let plain = kms
         .decrypt(decrypt_request(&old))
         .await
@@ -212,13 +212,13 @@ async fn bad_input_gets_the_right_code_and_the_plugin_keeps_serving() {
         ("foreign annotation", {
             let mut r = decrypt_request(&good);
             r.annotations
-                .insert("evil.example.com/x".into(), b"1".to_vec());
+                .insert("evil.example.com".into(), b"1".to_vec());
             r
         }),
         ("annotation of another version", {
             let mut r = decrypt_request(&good);
             r.annotations
-                .insert("kubebao.io/key-version".into(), b"9".to_vec());
+                .insert("key-version.kubebao.io".into(), b"9".to_vec());
             r
         }),
     ];
