@@ -298,6 +298,22 @@ async fn main() {
             n + 1
         );
     }
+    // The floor of any provider on this machine: one empty gRPC round trip over the socket.
+    let mut floor = Vec::new();
+    for _ in 0..warm_n {
+        let start = Instant::now();
+        client
+            .version(kubebao_proto::csi::VersionRequest::default())
+            .await
+            .expect("version");
+        floor.push(start.elapsed());
+    }
+    let floor = stats(floor);
+    println!(
+        "gRPC round trip over the socket (Version): p50 {}, p99 {}",
+        ms(floor.p50),
+        ms(floor.p99)
+    );
     println!(
         "vault-csi-provider: not compared (the Go module proxy refuses github.com/hashicorp/vault-csi-provider here)"
     );

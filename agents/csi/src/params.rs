@@ -301,7 +301,7 @@ pub fn parse(attributes: &str, permission: &str) -> Result<MountParams, MountErr
             "missing: list the secrets to mount (objectName, secretPath, secretKey)",
         )
     })?;
-    let objects = parse_objects(&objects_yaml)?;
+    let objects = cached_objects(&objects_yaml)?;
     let default_mode = parse_permission(permission)?;
 
     Ok(MountParams {
@@ -365,6 +365,25 @@ fn parse_permission(raw: &str) -> Result<u32, MountError> {
         ));
     }
     Ok(mode)
+}
+
+/// `parse_objects`, remembered per distinct YAML text: every rotation poll of every pod of a
+/// SecretProviderClass sends the same text, and YAML parsing is most of a warm Mount's CPU.
+fn cached_objects(yaml: &str) -> Result<Vec<ObjectSpec>, MountError> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+    static CACHE: OnceLock<Mutex<HashMap<String, Arc<Vec<ObjectSpec>>>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(hit) = cache.lock().expect("objects cache").get(yaml) {
+        return Ok(hit.as_ref().clone());
+    }
+    let parsed = parse_objects(yaml)?;
+    let mut map = cache.lock().expect("objects cache");
+    if map.len() >= 512 {
+        map.clear();
+    }
+    map.insert(yaml.to_string(), Arc::new(parsed.clone()));
+    Ok(parsed)
 }
 
 /// Parses the `objects` YAML list.

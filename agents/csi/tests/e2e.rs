@@ -383,6 +383,37 @@ async fn the_original_plans_secret_provider_class_mounts_and_rotates() {
 }
 
 #[tokio::test]
+async fn concurrent_mounts_of_one_identity_log_in_once() {
+    let bed = bed().await;
+    let _gate = OPENBAO_GATE.read().await;
+    kv2_put(bed, "myapp/shared", json!({"password": "pw"})).await;
+    let ns = bed.namespace("burst").await;
+    let agent = agent(bed).await;
+    // A Deployment scaling up: eight pods of one ServiceAccount mount at once.
+    let mut attrs = Vec::new();
+    for i in 0..8 {
+        let p = pod(bed, &ns, &format!("web-{i}"), "app").await;
+        let token = kubelet_token(bed, &p, "openbao").await;
+        attrs.push(driver_attributes(
+            &[("roleName", "my-app"), ("objects", SHARED_OBJECTS)],
+            &p,
+            Some(&token),
+        ));
+    }
+    let results = futures::future::join_all(attrs.iter().map(|a| agent.mount(a))).await;
+    for r in results {
+        assert_eq!(file(&r.expect("mount"), "db-password").contents, b"pw");
+    }
+    assert_eq!(
+        agent
+            .metric("kubebao_csi_logins_total{result=\"ok\"}")
+            .await,
+        1.0,
+        "one login for one identity, however many pods"
+    );
+}
+
+#[tokio::test]
 async fn a_service_account_the_role_does_not_bind_is_refused_clearly() {
     let bed = bed().await;
     let _gate = OPENBAO_GATE.read().await;
