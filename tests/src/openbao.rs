@@ -172,6 +172,25 @@ log_level = "warn"
         }
         self.root(Method::POST, &format!("sys/mounts/{path}"), Some(body))
             .await;
+        if kv_version == Some(2) {
+            // A new KV v2 mount upgrades itself first and refuses requests for a moment.
+            let client = self.client();
+            wait_for(
+                "the KV v2 mount to finish its upgrade",
+                Duration::from_secs(30),
+                || {
+                    let client = client.clone();
+                    async move {
+                        client
+                            .read(&format!("{path}/config"), &self.root_token)
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| e.to_string())
+                    }
+                },
+            )
+            .await;
+        }
     }
 
     /// Enables an auth method at `path`.
