@@ -7,9 +7,9 @@
 //! - Renewal at 2/3 of the TTL leaves a third of the TTL to retry through a short outage.
 //! - When renewal stops extending the token (max TTL reached) a fresh login replaces it before
 //!   it expires, so callers never see an expired token in normal operation.
-//! - A 403 may mean "revoked" or "policy too small". `refresh_after_denied` logs in again only
-//!   when the rejected token is still the current one and is older than `min_relogin_age`,
-//!   so a real policy gap costs one extra login, not a login per request.
+//! - A 403 may mean "expired/revoked" or "policy too small". `refresh_after_denied` asks
+//!   OpenBao (lookup-self) which one it is and logs in again only for a dead token, so a real
+//!   policy gap costs one cheap lookup per denied request, never a login per request.
 //! - Failed logins are remembered for `login_backoff`: during an outage callers get the last
 //!   error at once instead of each hammering the auth endpoint.
 //! - Credential files are read on every login, so a rotated secret_id, JWT or token file is
@@ -175,8 +175,6 @@ pub struct SessionOptions {
     pub renew_fraction: f64,
     /// After a failed login, return the remembered error for this long.
     pub login_backoff: Duration,
-    /// A 403 on a token younger than this is a real denial, not a reason to log in again.
-    pub min_relogin_age: Duration,
     /// How often the background task checks a token file (and no-TTL tokens) for changes.
     pub file_check_interval: Duration,
 }
@@ -186,7 +184,6 @@ impl Default for SessionOptions {
         Self {
             renew_fraction: 2.0 / 3.0,
             login_backoff: Duration::from_secs(1),
-            min_relogin_age: Duration::from_secs(1),
             file_check_interval: Duration::from_secs(30),
         }
     }
@@ -209,7 +206,6 @@ pub struct SessionStatus {
 
 struct Current {
     token: SecretString,
-    obtained: Instant,
     /// Last time the TTL was set (login or renewal).
     refreshed: Instant,
     ttl: Duration,
@@ -408,7 +404,6 @@ impl Session {
         let now = Instant::now();
         Current {
             token: auth.client_token.clone(),
-            obtained: now,
             refreshed: now,
             ttl: auth.ttl(),
             login_ttl: auth.ttl(),
@@ -418,28 +413,32 @@ impl Session {
     }
 
     /// Reports that OpenBao answered 403 to `rejected`; returns a token to retry with. Logs in
-    /// again when `rejected` is still the current token and is old enough that the 403 more
-    /// likely means expired/revoked than "policy does not allow it"; otherwise returns the
-    /// original error (`denied`).
+    /// again when `rejected` is dead (expired or revoked: lookup-self fails); for a live token
+    /// the 403 is a policy denial and `denied` is returned unchanged.
     pub async fn refresh_after_denied(
         &self,
         rejected: &SecretString,
         denied: Error,
     ) -> Result<SecretString> {
-        let min_age = self.inner.options.min_relogin_age;
         {
             let state = self.lock();
-            if let Some(c) = state.current.as_ref() {
-                if &c.token != rejected && !c.expired() {
-                    return Ok(c.token.clone());
-                }
-                if &c.token == rejected && c.obtained.elapsed() < min_age {
-                    return Err(denied);
-                }
+            if let Some(c) = state.current.as_ref()
+                && &c.token != rejected
+                && !c.expired()
+            {
+                return Ok(c.token.clone());
             }
         }
-        let rejected = rejected.clone();
-        self.login_if(move |c| c.token == rejected).await
+        // Is the token itself dead (expired, revoked) or is this a policy denial? A live token
+        // means the policy is missing a capability: logging in again would not help.
+        match self.inner.client.lookup_self(rejected).await {
+            Ok(_) => Err(denied),
+            Err(e) if e.is_permission_denied() => {
+                let rejected = rejected.clone();
+                self.login_if(move |c| c.token == rejected).await
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Runs `op` with the current token; on a 403, reports it and retries once with a fresh one.

@@ -310,6 +310,37 @@ async fn a_short_lived_approle_token_is_renewed_and_replaced_past_its_max_ttl() 
         !metrics.contains(r#"method="Encrypt",code="PermissionDenied""#),
         "no request saw an expired token: {metrics}"
     );
+
+    // The secret_id is rotated (the old one destroyed) and every token of the mount revoked:
+    // the next request meets a 403, logs in again with the re-read file, and succeeds.
+    let old_secret_id = std::fs::read_to_string(&secret_id).unwrap();
+    let fresh = bao
+        .root(Method::POST, "auth/approle-expiry/role/kms/secret-id", None)
+        .await
+        .expect("secret-id");
+    std::fs::write(&secret_id, fresh["data"]["secret_id"].as_str().unwrap()).unwrap();
+    bao.root(
+        Method::POST,
+        "auth/approle-expiry/role/kms/secret-id/destroy",
+        Some(json!({"secret_id": old_secret_id.trim()})),
+    )
+    .await;
+    bao.root(
+        Method::PUT,
+        "sys/leases/revoke-prefix/auth/approle-expiry",
+        None,
+    )
+    .await;
+    let enc = encrypt(&mut kms, b"after revocation")
+        .await
+        .expect("a revoked token leads to a fresh login, not a failed request");
+    let plain = kms
+        .decrypt(decrypt_request(&enc))
+        .await
+        .expect("decrypt")
+        .into_inner()
+        .plaintext;
+    assert_eq!(plain, b"after revocation");
 }
 
 #[tokio::test]
