@@ -481,6 +481,7 @@ async fn kv1_kv2_every_key_encodings_and_readable_errors() {
         json!({"host": "db.internal", "port": 5432, "tls": {"ca": "CA"}}),
     )
     .await;
+    kv2_put(bed, "myapp/shared", json!({"password": "pw"})).await;
     let ns = bed.namespace("kv").await;
     let pod = pod(bed, &ns, "web", "app").await;
     let token = kubelet_token(bed, &pod, "openbao").await;
@@ -610,6 +611,44 @@ async fn kv1_kv2_every_key_encodings_and_readable_errors() {
         "{}",
         bad_param.message()
     );
+
+    // An OpenBao address nothing listens on (the SecretProviderClass may set its own).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let address = format!("http://127.0.0.1:{closed}");
+    let unreachable = agent
+        .mount(&driver_attributes(
+            &[
+                ("roleName", "my-app"),
+                ("objects", SHARED_OBJECTS),
+                ("openbaoAddress", &address),
+            ],
+            &pod,
+            Some(&token),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(unreachable.code(), tonic::Code::Unavailable);
+    assert!(
+        unreachable.message().starts_with("[openbao_unavailable]")
+            && unreachable
+                .message()
+                .contains(&format!("OpenBao at {address} is unreachable")),
+        "{}",
+        unreachable.message()
+    );
+    // Still serving after every failure above.
+    agent
+        .mount(&driver_attributes(
+            &[("roleName", "my-app"), ("objects", SHARED_OBJECTS)],
+            &pod,
+            Some(&token),
+        ))
+        .await
+        .expect("a good Mount after the failures");
 }
 
 #[tokio::test]
