@@ -491,3 +491,67 @@ path "t-doctor/keys/kms" { capabilities = ["read"] }"#}),
         .expect_err("decrypt is not");
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
 }
+
+#[tokio::test]
+async fn kubernetes_auth_with_a_service_account_token_file_works() {
+    let bed = Testbed::shared().await;
+    let bao = bed.openbao();
+    common::transit_key(bao, "t-k8s", "kms", "kms-k8s").await;
+    bed.enable_kubernetes_auth().await;
+    let ns = bed.namespace("kms-auth").await;
+    bed.service_account(&ns, "kubebao-kms").await;
+    bao.root(
+        Method::POST,
+        "auth/kubernetes/role/kubebao-kms-e2e",
+        Some(json!({
+            "bound_service_account_names": ["kubebao-kms"],
+            "bound_service_account_namespaces": [ns],
+            "token_policies": ["kms-k8s"],
+            "audience": "openbao",
+            "ttl": "1h",
+        })),
+    )
+    .await;
+    let jwt = bed
+        .service_account_token(&ns, "kubebao-kms", "openbao", 3600)
+        .await;
+    let jwt_file = bed.dir().join("k8s-auth.jwt");
+    std::fs::write(&jwt_file, jwt).unwrap();
+    let agent = Agent::start(
+        "k8s-auth",
+        bed.dir(),
+        &[
+            format!("--openbao-addr={}", bao.addr()),
+            "--transit-mount=t-k8s".into(),
+            "--transit-key=kms".into(),
+            "--auth-method=kubernetes".into(),
+            "--auth-role=kubebao-kms-e2e".into(),
+            format!("--jwt-file={}", jwt_file.display()),
+            "--log-format=json".into(),
+        ],
+    )
+    .await;
+    let mut kms = agent.client().await;
+    let enc = encrypt(&mut kms, b"seed").await.expect("encrypt");
+    let plain = kms
+        .decrypt(decrypt_request(&enc))
+        .await
+        .expect("decrypt")
+        .into_inner()
+        .plaintext;
+    assert_eq!(plain, b"seed");
+    let log = std::fs::read_to_string(agent.process.log_path()).unwrap();
+    let first = log
+        .lines()
+        .find(|l| l.contains("logged in"))
+        .expect("login logged");
+    let parsed: serde_json::Value = serde_json::from_str(first).expect("JSON log line");
+    assert!(
+        parsed["fields"]["source"]
+            .as_str()
+            .unwrap()
+            .contains("kubernetes login")
+    );
+    let jwt_value = std::fs::read_to_string(&jwt_file).unwrap();
+    assert!(!log.contains(jwt_value.trim()), "JWT in the log");
+}
