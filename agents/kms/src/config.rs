@@ -33,8 +33,8 @@ pub struct Settings {
     #[arg(long, env = "KUBEBAO_KMS_OPENBAO_NAMESPACE", global = true)]
     pub openbao_namespace: Option<String>,
 
-    /// Timeout for one OpenBao request, e.g. 5s or 500ms. Keep it below the API server's
-    /// KMS timeout. [default: 5s]
+    /// Timeout for one OpenBao request, e.g. 2s or 500ms. Keep it below the API server's
+    /// KMS timeout. [default: 2s; the API server's default KMS timeout is 3s]
     #[arg(long, env = "KUBEBAO_KMS_OPENBAO_TIMEOUT", global = true)]
     pub openbao_timeout: Option<String>,
 
@@ -249,7 +249,7 @@ impl Config {
                 default
             }),
         };
-        let openbao_timeout = dur("openbao-timeout", s.openbao_timeout, Duration::from_secs(5));
+        let openbao_timeout = dur("openbao-timeout", s.openbao_timeout, Duration::from_secs(2));
         let probe_interval = dur("probe-interval", s.probe_interval, Duration::from_secs(10));
         let http_addr = s.http_addr.unwrap_or_else(|| "127.0.0.1:8787".into());
         let http_addr = http_addr.parse().unwrap_or_else(|_| {
