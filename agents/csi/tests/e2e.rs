@@ -1187,3 +1187,47 @@ async fn database_credentials_are_kept_and_renewed_while_their_lease_is_valid() 
             >= 1.0
     );
 }
+
+#[tokio::test]
+async fn a_revoked_cached_token_is_replaced_by_one_new_login() {
+    let bed = bed().await;
+    kv2_put(bed, "myapp/shared", json!({"password": "pw"})).await;
+    let ns = bed.namespace("revoked").await;
+    let pod = pod(bed, &ns, "web", "app").await;
+    let token = kubelet_token(bed, &pod, "openbao").await;
+    let agent = agent(bed).await;
+    let attrs = driver_attributes(
+        &[("roleName", "my-app"), ("objects", SHARED_OBJECTS)],
+        &pod,
+        Some(&token),
+    );
+    agent.mount(&attrs).await.expect("first mount");
+    assert_eq!(
+        agent
+            .metric("kubebao_csi_logins_total{result=\"ok\"}")
+            .await,
+        1.0
+    );
+
+    // Revoking every Kubernetes-auth token would disturb the other tests' login counts.
+    let _exclusive = OPENBAO_GATE.write().await;
+    bed.openbao()
+        .root(
+            Method::PUT,
+            "sys/leases/revoke-prefix/auth/kubernetes/login",
+            None,
+        )
+        .await;
+    let resp = agent
+        .mount(&attrs)
+        .await
+        .expect("mount with a revoked cached token");
+    assert_eq!(file(&resp, "db-password").contents, b"pw");
+    assert_eq!(
+        agent
+            .metric("kubebao_csi_logins_total{result=\"ok\"}")
+            .await,
+        2.0,
+        "exactly one new login after the 403"
+    );
+}
