@@ -555,3 +555,45 @@ async fn kubernetes_auth_with_a_service_account_token_file_works() {
     let jwt_value = std::fs::read_to_string(&jwt_file).unwrap();
     assert!(!log.contains(jwt_value.trim()), "JWT in the log");
 }
+
+#[tokio::test]
+async fn a_ciphertext_moved_to_another_cluster_context_does_not_decrypt() {
+    let bed = Testbed::shared().await;
+    let bao = bed.openbao();
+    common::transit_key(bao, "t-aad", "kms", "kms-aad").await;
+    let token = common::token_file(bao, bed.dir(), "aad.token", &["kms-aad"]).await;
+    let start = |name: &'static str, context: &'static str| {
+        let args = vec![
+            format!("--openbao-addr={}", bao.addr()),
+            "--transit-mount=t-aad".into(),
+            "--transit-key=kms".into(),
+            format!("--token-file={}", token.display()),
+            format!("--aad-context={context}"),
+        ];
+        async move { Agent::start(name, bed.dir(), &args).await }
+    };
+    let cluster_a = start("aad-a", "cluster-a").await;
+    let cluster_b = start("aad-b", "cluster-b").await;
+    let mut a = cluster_a.client().await;
+    let mut b = cluster_b.client().await;
+    let enc = encrypt(&mut a, b"seed of cluster a")
+        .await
+        .expect("encrypt");
+    assert_eq!(
+        status(&mut b).await.key_id,
+        enc.key_id,
+        "same Transit key, same key_id"
+    );
+    let err = b
+        .decrypt(decrypt_request(&enc))
+        .await
+        .expect_err("another context must not decrypt it");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let plain = a
+        .decrypt(decrypt_request(&enc))
+        .await
+        .expect("its own context decrypts it")
+        .into_inner()
+        .plaintext;
+    assert_eq!(plain, b"seed of cluster a");
+}
