@@ -121,6 +121,9 @@ log_level = "warn"
     fn unauthenticated(&self) -> OpenBao {
         OpenBao::new(&ClientConfig {
             address: self.addr.clone(),
+            // Generous: init and unseal on raft are slow on a busy 2-core machine, and a
+            // timed-out init cannot be retried (its keys would be lost).
+            timeout: Some(Duration::from_secs(60)),
             ..Default::default()
         })
         .expect("client")

@@ -139,8 +139,20 @@ install_gitops_health() {
   rm -rf "$dir" && mv "$dir.tmp" "$dir"
 }
 
+# PostgreSQL from Debian's packages, for the database-credentials tests (the CSI provider's
+# dynamic secrets). The tests run it as the postgres user in a temporary directory.
+install_postgresql() {
+  if ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then log "PostgreSQL: installed"; return; fi
+  command -v apt-get >/dev/null 2>&1 || die "PostgreSQL is missing and this is not a Debian-like system: install the PostgreSQL server"
+  [ "$(id -u)" = 0 ] || die "PostgreSQL is missing: run 'sudo apt-get install -y postgresql' (or make testbed as root)"
+  log "PostgreSQL: installing Debian's postgresql package"
+  with_progress "apt-get install postgresql" "$CACHE/build/postgresql.log" \
+    sh -c "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql"
+  # The test starts its own server; the package's own cluster service is not needed.
+}
+
 mkdir -p "$CACHE/build"
-components=("${@:-openbao etcd kubernetes helm gitops-health}")
+components=("${@:-openbao etcd kubernetes helm gitops-health postgresql}")
 for c in ${components[@]}; do
   case "$c" in
     openbao) install_openbao ;;
@@ -148,7 +160,8 @@ for c in ${components[@]}; do
     kubernetes) install_kubernetes ;;
     helm) install_helm ;;
     gitops-health) install_gitops_health ;;
-    *) die "unknown component '$c' (known: openbao etcd kubernetes helm gitops-health)" ;;
+    postgresql) install_postgresql ;;
+    *) die "unknown component '$c' (known: openbao etcd kubernetes helm gitops-health postgresql)" ;;
   esac
 done
 
