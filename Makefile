@@ -36,7 +36,8 @@ test: testbed fmt-check lint ## Everything: set up the test bed, then unit and e
 
 .PHONY: demo
 demo: testbed ## Run KubeBao end to end on a local test bed until Ctrl-C
-	$(CARGO) run -p kubebao-testbed --bin kubebao-demo
+	$(CARGO) build -p kubebao-operator -p kubebao-kms -p kubebao-csi -p kubebao-installer -p kubebao-testbed --bins
+	KUBEBAO_BIN_DIR=$${CARGO_TARGET_DIR:-target}/debug $${CARGO_TARGET_DIR:-target}/debug/kubebao-demo
 
 .PHONY: crds
 crds: ## Regenerate crds/ and the chart's copy from the Rust types
