@@ -109,17 +109,11 @@ async fn apply(bp: Arc<BaoPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
                 done.status,
             )
         }
-        Err(outcome) => {
-            if outcome.reason() == "PermissionDenied" {
-                // The operator's token may have been revoked: log in afresh next time.
-                ctx.identity.forget().await;
-            }
-            (
-                outcome,
-                Action::requeue(ctx.backoff(&key)),
-                previous.clone(),
-            )
-        }
+        Err(outcome) => (
+            outcome,
+            Action::requeue(ctx.backoff(&key)),
+            previous.clone(),
+        ),
     };
     ctx.metrics.reconciled(
         "BaoPolicy",
@@ -215,10 +209,20 @@ async fn converge(
         }
     };
     let token = operator_token(ctx).await?;
-    let current = ctx
+    let current = match ctx
         .metrics
         .openbao("policy_read", ctx.bao.policy_read(&token, &name).await)
-        .map_err(|e| bao_outcome(&format!("cannot read policy {name}"), &e))?;
+    {
+        Ok(current) => current,
+        Err(e) => {
+            let outcome = bao_outcome(&format!("cannot read policy {name}"), &e);
+            if e.is_permission_denied() {
+                // Revoked or expired token, or a policy gap: the session tells them apart.
+                ctx.identity.denied(&token, e).await;
+            }
+            return Err(outcome);
+        }
+    };
     let mut note = None;
     match current {
         Some(text) if text == desired => {}

@@ -5,13 +5,17 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use hmac::{Hmac, Mac};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams};
-use kube::runtime::controller::Action;
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 use sha2::Sha256;
@@ -40,6 +44,83 @@ pub struct Check {
     hash: String,
     kv_version: Option<u64>,
     metadata_denied: bool,
+    /// resourceVersion of the Secret as last written or verified by us.
+    secret_rv: Option<String>,
+}
+
+/// What the BaoSecret controller adds to the shared [`Context`]: a metadata-only cache of the
+/// Secrets BaoSecrets write, so an unchanged Secret costs no API read.
+pub struct SecretsContext {
+    /// Shared operator context.
+    pub base: Arc<Context>,
+    /// Labelled Secrets' metadata (no data, no managedFields).
+    pub secrets: Store<PartialObjectMeta<Secret>>,
+}
+
+/// Runs the BaoSecret controller until `stop` resolves.
+pub async fn run(
+    base: Arc<Context>,
+    stop: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = base.client.clone();
+    let (reader, writer) = reflector::store::<BaoSecret>();
+    // Status-only updates (our own) do not trigger a reconcile: the generation predicate.
+    let baosecrets = watcher(
+        Api::<BaoSecret>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .modify(|o| o.managed_fields_mut().clear())
+    .reflect(writer)
+    .applied_objects()
+    .predicate_filter(predicates::generation, Default::default());
+    // Every Secret a BaoSecret writes carries its label, whatever the creation policy, so an
+    // edited or deleted Secret is restored (a superset of `.owns()`); metadata only.
+    let (secret_reader, secret_writer) = reflector::store::<PartialObjectMeta<Secret>>();
+    let secrets = watcher(
+        Api::<PartialObjectMeta<Secret>>::all(client),
+        watcher::Config::default().labels(LABEL),
+    )
+    .default_backoff()
+    .modify(|o| o.managed_fields_mut().clear())
+    .reflect(secret_writer)
+    .touched_objects();
+    let ctx = Arc::new(SecretsContext {
+        base: base.clone(),
+        secrets: secret_reader,
+    });
+    let checks = base.clone();
+    Controller::for_stream(baosecrets, reader)
+        .watches_stream(secrets, move |meta: PartialObjectMeta<Secret>| {
+            let name = meta.labels().get(LABEL)?.clone();
+            let ns = meta.namespace()?;
+            // The echo of our own write: nothing to do.
+            let ours = checks
+                .checks
+                .lock()
+                .expect("checks lock")
+                .get(&format!("{ns}/{name}"))
+                .and_then(|c| c.secret_rv.clone());
+            if ours.is_some() && ours == meta.resource_version() {
+                return None;
+            }
+            Some(ObjectRef::new(&name).within(&ns))
+        })
+        .graceful_shutdown_on(stop)
+        .run(
+            reconcile,
+            |_, e, _| {
+                tracing::warn!(error = %e, "BaoSecret status update failed; retrying");
+                Action::requeue(Duration::from_secs(5))
+            },
+            ctx,
+        )
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "BaoSecret controller event");
+            }
+        })
+        .await;
 }
 
 /// Where a `secretPath` points.
@@ -118,11 +199,15 @@ struct Synced {
 }
 
 /// Reconciles one BaoSecret and writes its status.
-pub async fn reconcile(bs: Arc<BaoSecret>, ctx: Arc<Context>) -> Result<Action, kube::Error> {
+pub async fn reconcile(
+    bs: Arc<BaoSecret>,
+    sctx: Arc<SecretsContext>,
+) -> Result<Action, kube::Error> {
+    let ctx = &sctx.base;
     let ns = bs.namespace().unwrap_or_default();
     let key = format!("{ns}/{}", bs.name_any());
     let previous = bs.status.clone().unwrap_or_default();
-    let result = sync(&bs, &ctx, &ns, &key, &previous).await;
+    let result = sync(&bs, &sctx, &ns, &key, &previous).await;
     let (outcome, action, mut status) = match result {
         Ok(s) => {
             ctx.succeeded(&key);
@@ -164,10 +249,15 @@ pub async fn reconcile(bs: Arc<BaoSecret>, ctx: Arc<Context>) -> Result<Action, 
         },
     );
     let ready_before = previous.conditions.iter().find(|c| c.type_ == "Ready");
-    let changed =
-        ready_before.is_none_or(|c| c.reason != outcome.reason() || c.message != outcome.message());
+    let warning = !matches!(outcome, Outcome::Ready { .. });
+    // Events for problems and recoveries only: a first successful sync is in the status
+    // already, and 1,000 new BaoSecrets should not mean 1,000 extra API writes.
+    let changed = if warning {
+        ready_before.is_none_or(|c| c.reason != outcome.reason() || c.message != outcome.message())
+    } else {
+        ready_before.is_some_and(|c| c.status != "True")
+    };
     if changed {
-        let warning = !matches!(outcome, Outcome::Ready { .. });
         if warning {
             tracing::warn!(baosecret = %key, reason = outcome.reason(), message = outcome.message(), "BaoSecret not ready");
         } else {
@@ -223,11 +313,12 @@ fn managed_data(secret: &Secret) -> BTreeMap<String, Vec<u8>> {
 
 async fn sync(
     bs: &BaoSecret,
-    ctx: &Context,
+    sctx: &SecretsContext,
     ns: &str,
     key: &str,
     status: &BaoSecretStatus,
 ) -> Result<Synced, Outcome> {
+    let ctx = &*sctx.base;
     let spec = &bs.spec;
     if let Some(target_ns) = &spec.target.namespace
         && target_ns != ns
@@ -256,13 +347,33 @@ async fn sync(
         locate(&spec.secret_path, spec.kv_version).map_err(|m| failed(true, "InvalidSpec", m))?;
     let policy = spec.target.creation_policy;
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    let existing = secrets.get_opt(&spec.target.name).await.map_err(|e| {
-        failed(
-            false,
-            "KubernetesError",
-            format!("cannot read Secret {}: {e}", spec.target.name),
-        )
-    })?;
+    let uid = bs.uid().unwrap_or_default();
+    let last = ctx
+        .checks
+        .lock()
+        .expect("checks lock")
+        .get(key)
+        .filter(|c| c.uid == uid)
+        .cloned();
+    // Unchanged since we last wrote or verified it (same resourceVersion in the metadata
+    // cache): no need to read it from the API.
+    let cached_rv = sctx
+        .secrets
+        .get(&ObjectRef::new(&spec.target.name).within(ns))
+        .and_then(|m| m.resource_version());
+    let unchanged =
+        cached_rv.is_some() && last.as_ref().and_then(|c| c.secret_rv.clone()) == cached_rv;
+    let existing = if unchanged {
+        None
+    } else {
+        secrets.get_opt(&spec.target.name).await.map_err(|e| {
+            failed(
+                false,
+                "KubernetesError",
+                format!("cannot read Secret {}: {e}", spec.target.name),
+            )
+        })?
+    };
     if let Some(s) = &existing {
         let ours = s.labels().get(LABEL).map(String::as_str) == Some(bs.name_any().as_str());
         if !ours && policy != CreationPolicy::Merge {
@@ -275,7 +386,7 @@ async fn sync(
                 ),
             ));
         }
-    } else if policy == CreationPolicy::Merge {
+    } else if policy == CreationPolicy::Merge && !unchanged {
         return Err(failed(
             false,
             "TargetNotFound",
@@ -286,14 +397,6 @@ async fn sync(
         ));
     }
 
-    let uid = bs.uid().unwrap_or_default();
-    let last = ctx
-        .checks
-        .lock()
-        .expect("checks lock")
-        .get(key)
-        .filter(|c| c.uid == uid)
-        .cloned();
     let known_hash = last
         .as_ref()
         .map(|c| c.hash.clone())
@@ -304,9 +407,15 @@ async fn sync(
         .unwrap_or(status.kv_version);
     let generation_current = last.as_ref().map(|c| c.generation) == Some(bs.metadata.generation)
         || (last.is_none() && status.observed_generation == bs.metadata.generation);
-    let intact = existing
-        .as_ref()
-        .is_some_and(|s| Some(data_hash(&ctx.hash_key, &managed_data(s))) == known_hash);
+    let intact = unchanged
+        || existing
+            .as_ref()
+            .is_some_and(|s| Some(data_hash(&ctx.hash_key, &managed_data(s))) == known_hash);
+    let secret_rv = if unchanged {
+        cached_rv
+    } else {
+        existing.as_ref().and_then(|s| s.resource_version())
+    };
     if let Some(c) = &last
         && intact
         && generation_current
@@ -373,7 +482,16 @@ async fn sync(
                     .and_then(Value::as_u64);
                 if v.is_some() && v == known_version {
                     let hash = known_hash.clone().unwrap_or_default();
-                    remember(ctx, key, &uid, bs.metadata.generation, &hash, v, false);
+                    remember(
+                        ctx,
+                        key,
+                        &uid,
+                        bs.metadata.generation,
+                        &hash,
+                        v,
+                        false,
+                        secret_rv,
+                    );
                     return Ok(Synced {
                         kv_version: v,
                         hash,
@@ -417,8 +535,9 @@ async fn sync(
     let hash = data_hash(&ctx.hash_key, &data);
 
     let mut wrote = false;
+    let mut secret_rv = secret_rv;
     if !(intact && generation_current && known_hash.as_deref() == Some(&hash)) {
-        apply_secret(bs, ctx, &secrets, &data).await?;
+        secret_rv = apply_secret(bs, ctx, &secrets, &data).await?;
         wrote = true;
     }
     if known_hash.is_some()
@@ -435,6 +554,7 @@ async fn sync(
         &hash,
         kv_version,
         now_metadata_denied,
+        secret_rv,
     );
     Ok(Synced {
         kv_version,
@@ -444,6 +564,7 @@ async fn sync(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn remember(
     ctx: &Context,
     key: &str,
@@ -452,6 +573,7 @@ fn remember(
     hash: &str,
     kv_version: Option<u64>,
     metadata_denied: bool,
+    secret_rv: Option<String>,
 ) {
     ctx.checks.lock().expect("checks lock").insert(
         key.to_string(),
@@ -462,6 +584,7 @@ fn remember(
             hash: hash.to_string(),
             kv_version,
             metadata_denied,
+            secret_rv,
         },
     );
 }
@@ -499,7 +622,7 @@ async fn apply_secret(
     ctx: &Context,
     secrets: &Api<Secret>,
     data: &BTreeMap<String, Vec<u8>>,
-) -> Result<(), Outcome> {
+) -> Result<Option<String>, Outcome> {
     let spec = &bs.spec;
     let mut labels = spec.target.labels.clone().unwrap_or_default();
     labels.insert(LABEL.into(), bs.name_any());
@@ -540,7 +663,7 @@ async fn apply_secret(
     value["apiVersion"] = json!("v1");
     value["kind"] = json!("Secret");
     ctx.metrics.secret_writes.inc();
-    secrets
+    let written = secrets
         .patch(
             &spec.target.name,
             &PatchParams::apply(MANAGER).force(),
@@ -554,7 +677,7 @@ async fn apply_secret(
                 format!("cannot write Secret {}: {e}", spec.target.name),
             )
         })?;
-    Ok(())
+    Ok(written.resource_version())
 }
 
 async fn restart_workloads(bs: &BaoSecret, ctx: &Context, ns: &str, targets: &[RolloutTarget]) {
@@ -598,14 +721,6 @@ async fn restart_workloads(bs: &BaoSecret, ctx: &Context, ns: &str, targets: &[R
             }
         }
     }
-}
-
-/// Maps a labelled Secret to the BaoSecret that writes it.
-pub fn secret_to_baosecret(
-    secret: Secret,
-) -> Option<kube::runtime::reflector::ObjectRef<BaoSecret>> {
-    let name = secret.labels().get(LABEL)?.clone();
-    Some(kube::runtime::reflector::ObjectRef::new(&name).within(&secret.namespace()?))
 }
 
 #[cfg(test)]

@@ -1,15 +1,16 @@
-//! The operator's own OpenBao identity: used only for policies and auth roles (BaoPolicy),
-//! never to read tenant data (BaoSecrets log in as their own ServiceAccount, see `tenant.rs`).
+//! The operator's own OpenBao identity: used only for policies, auth roles and the
+//! installation's OpenBao preparation, never to read tenant data (BaoSecrets log in as their
+//! own ServiceAccount, see `tenant.rs`).
 //!
-//! Minimal login + renewal: `kubebao_openbao::Session` (a parallel work item) was not committed
-//! when this was written; switch to it once it is.
+//! Login, renewal, re-login after expiry/revocation and re-reading credential files are
+//! `kubebao_openbao::Session`'s job; this adds the bootstrap source the operator alone has (a
+//! token in a Kubernetes Secret) and one place to build the session from the command line.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
-use kubebao_openbao::{Credentials, OpenBao, SecretString};
+use kubebao_openbao::{CredentialSource, Credentials, OpenBao, SecretString, Session};
 use tokio::sync::Mutex;
 
 /// Where the operator's own credentials come from.
@@ -26,7 +27,8 @@ pub enum IdentitySource {
     },
     /// A token in a file (re-read on every login, so a rotated file is picked up).
     TokenFile(PathBuf),
-    /// A token in a Kubernetes Secret (`namespace/name`, key `token`), for bootstrap.
+    /// A token in a Kubernetes Secret (`namespace/name`, key `token`), for bootstrap. Read when
+    /// the session starts and again after the token is found dead.
     TokenSecret {
         /// Namespace.
         namespace: String,
@@ -35,19 +37,20 @@ pub enum IdentitySource {
     },
 }
 
-struct Held {
-    token: SecretString,
-    obtained: Instant,
-    ttl: Duration,
-    renewable: bool,
-}
-
-/// A logged-in operator identity that renews itself on use.
+/// A logged-in operator identity that renews itself in the background.
 pub struct Identity {
     bao: OpenBao,
     kube: kube::Client,
     source: IdentitySource,
-    held: Mutex<Option<Held>>,
+    session: Mutex<Option<(Session, tokio::task::JoinHandle<()>)>>,
+}
+
+impl Drop for Identity {
+    fn drop(&mut self) {
+        if let Some((_, task)) = self.session.get_mut().take() {
+            task.abort();
+        }
+    }
 }
 
 impl Identity {
@@ -57,94 +60,80 @@ impl Identity {
             bao,
             kube,
             source,
-            held: Mutex::new(None),
+            session: Mutex::new(None),
         }
     }
 
-    async fn credentials(&self) -> Result<Credentials, String> {
-        match &self.source {
+    async fn credential_source(&self) -> Result<CredentialSource, IdentityError> {
+        Ok(match &self.source {
             IdentitySource::Kubernetes {
                 mount,
                 role,
                 jwt_file,
-            } => {
-                let jwt = tokio::fs::read_to_string(jwt_file).await.map_err(|e| {
-                    format!(
-                        "cannot read the ServiceAccount token {}: {e}",
-                        jwt_file.display()
-                    )
-                })?;
-                Ok(Credentials::Kubernetes {
-                    mount: mount.clone(),
-                    role: role.clone(),
-                    jwt: SecretString::new(jwt.trim()),
-                })
-            }
-            IdentitySource::TokenFile(path) => {
-                let token = tokio::fs::read_to_string(path).await.map_err(|e| {
-                    format!("cannot read the OpenBao token file {}: {e}", path.display())
-                })?;
-                Ok(Credentials::Token(SecretString::new(token.trim())))
-            }
+            } => CredentialSource::KubernetesJwtFile {
+                mount: mount.clone(),
+                role: role.clone(),
+                jwt_file: jwt_file.clone(),
+            },
+            IdentitySource::TokenFile(path) => CredentialSource::TokenFile(path.clone()),
             IdentitySource::TokenSecret { namespace, name } => {
                 let api: Api<Secret> = Api::namespaced(self.kube.clone(), namespace);
                 let secret = api.get(name).await.map_err(|e| {
-                    format!("cannot read the bootstrap token Secret {namespace}/{name}: {e}")
+                    IdentityError::Credentials(format!(
+                        "cannot read the bootstrap token Secret {namespace}/{name}: {e}"
+                    ))
                 })?;
                 let bytes = secret
                     .data
                     .and_then(|d| d.get("token").cloned())
-                    .ok_or_else(|| format!("Secret {namespace}/{name} has no key `token`"))?;
-                let token = String::from_utf8(bytes.0)
-                    .map_err(|_| format!("Secret {namespace}/{name} key `token` is not UTF-8"))?;
-                Ok(Credentials::Token(SecretString::new(token.trim())))
+                    .ok_or_else(|| {
+                        IdentityError::Credentials(format!(
+                            "Secret {namespace}/{name} has no key `token`"
+                        ))
+                    })?;
+                let token = String::from_utf8(bytes.0).map_err(|_| {
+                    IdentityError::Credentials(format!(
+                        "Secret {namespace}/{name} key `token` is not UTF-8"
+                    ))
+                })?;
+                CredentialSource::Static(Credentials::Token(SecretString::new(token.trim())))
             }
-        }
+        })
     }
 
-    /// A valid token: the held one, renewed past half its TTL, or a fresh login.
+    async fn session(&self) -> Result<Session, IdentityError> {
+        let mut slot = self.session.lock().await;
+        if let Some((s, _)) = slot.as_ref() {
+            return Ok(s.clone());
+        }
+        let session = Session::new(self.bao.clone(), self.credential_source().await?);
+        let task = session.spawn_renewal();
+        *slot = Some((session.clone(), task));
+        Ok(session)
+    }
+
+    /// A valid token (the session logs in, renews and re-logs in as needed).
     pub async fn token(&self) -> Result<SecretString, IdentityError> {
-        let mut held = self.held.lock().await;
-        if let Some(h) = held.as_mut() {
-            let age = h.obtained.elapsed();
-            if h.ttl.is_zero() || age < h.ttl / 2 {
-                return Ok(h.token.clone());
-            }
-            if h.renewable
-                && age < h.ttl
-                && let Ok(auth) = self
-                    .bao
-                    .renew_self(&h.token, h.ttl.max(Duration::from_secs(60)))
-                    .await
-            {
-                h.obtained = Instant::now();
-                h.ttl = auth.ttl();
-                return Ok(h.token.clone());
-            }
-        }
-        let credentials = self
-            .credentials()
+        let session = self.session().await?;
+        session
+            .token()
             .await
-            .map_err(IdentityError::Credentials)?;
-        let auth = self
-            .bao
-            .login(&credentials)
-            .await
-            .map_err(|e| IdentityError::Login(credentials.describe(), e))?;
-        let token = auth.client_token.clone();
-        let ttl = auth.ttl();
-        *held = Some(Held {
-            token: auth.client_token,
-            obtained: Instant::now(),
-            ttl,
-            renewable: auth.renewable,
-        });
-        Ok(token)
+            .map_err(|e| IdentityError::Login(session.source().describe(), e))
     }
 
-    /// Drops the held token (after a 403 that may mean it was revoked).
-    pub async fn forget(&self) {
-        *self.held.lock().await = None;
+    /// After a 403 with `token`: if the token is dead (revoked, expired), the next `token()`
+    /// logs in afresh (a bootstrap Secret is read again); a live token means a policy gap and
+    /// changes nothing.
+    pub async fn denied(&self, token: &SecretString, error: kubebao_openbao::Error) {
+        let Ok(session) = self.session().await else {
+            return;
+        };
+        if session.refresh_after_denied(token, error).await.is_err()
+            && matches!(self.source, IdentitySource::TokenSecret { .. })
+            && let Some((_, task)) = self.session.lock().await.take()
+        {
+            task.abort();
+        }
     }
 }
 
@@ -154,7 +143,7 @@ pub enum IdentityError {
     /// Credentials could not be loaded.
     #[error("operator identity: {0}")]
     Credentials(String),
-    /// OpenBao refused the login.
+    /// OpenBao refused the login or is unreachable.
     #[error("operator identity: {0} failed: {1}")]
     Login(String, kubebao_openbao::Error),
 }

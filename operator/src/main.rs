@@ -32,7 +32,7 @@ use kube::runtime::watcher;
 use kubebao_openbao::{ClientConfig, OpenBao};
 use tokio::sync::watch;
 
-use crate::api::{BaoPolicy, BaoSecret};
+use crate::api::BaoPolicy;
 use crate::context::{Context, Settings, parse_duration};
 use crate::identity::{Identity, IdentitySource};
 use crate::leader::{LeaderLease, LeaseConfig};
@@ -141,35 +141,7 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
 }
 
 fn run_baosecrets(ctx: Arc<Context>, stop: watch::Receiver<bool>) -> BoxFuture<'static, ()> {
-    Box::pin(async move {
-        let client = ctx.client.clone();
-        Controller::new(
-            Api::<BaoSecret>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        // Every Secret a BaoSecret writes carries its label, whatever the creation policy,
-        // so edited or deleted Secrets are restored (a superset of `.owns()`).
-        .watches(
-            Api::<Secret>::all(client),
-            watcher::Config::default().labels(baosecret::LABEL),
-            baosecret::secret_to_baosecret,
-        )
-        .graceful_shutdown_on(stopped(stop))
-        .run(
-            baosecret::reconcile,
-            |_, e, _| {
-                tracing::warn!(error = %e, "BaoSecret status update failed; retrying");
-                Action::requeue(Duration::from_secs(5))
-            },
-            ctx,
-        )
-        .for_each(|r| async move {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "BaoSecret controller event");
-            }
-        })
-        .await;
-    })
+    Box::pin(baosecret::run(ctx, stopped(stop)))
 }
 
 fn run_installations(ctx: Arc<Context>, stop: watch::Receiver<bool>) -> BoxFuture<'static, ()> {

@@ -245,7 +245,7 @@ async fn tenant(bed: &Testbed, prefix: &str, data: Value) -> String {
     )
     .await;
     let policy = format!(
-        "path \"secret/data/{ns}/*\" {{ capabilities = [\"read\"] }}\npath \"secret/metadata/{ns}/*\" {{ capabilities = [\"read\"] }}\n"
+        "path \"secret/data/{ns}/*\" {{ capabilities = [\"read\"] }}\npath \"secret/metadata/{ns}/*\" {{ capabilities = [\"read\"] }}\npath \"kv1/{ns}/*\" {{ capabilities = [\"read\"] }}\n"
     );
     bao.root(
         Method::POST,
@@ -948,4 +948,46 @@ async fn a_standby_replica_takes_over_when_the_leader_dies() {
         "Synced",
     )
     .await;
+}
+
+#[tokio::test]
+async fn kv_v1_secret_merges_into_an_existing_secret() {
+    let setup = setup().await;
+    let bed = setup.bed;
+    let ns = tenant(bed, "kv1", json!({"unused": "x"})).await;
+    bed.openbao()
+        .root(
+            Method::POST,
+            &format!("kv1/{ns}/app"),
+            Some(json!({"token": "from-kv1"})),
+        )
+        .await;
+    let secrets: Api<Secret> = Api::namespaced(bed.client().await, &ns);
+    apply(
+        bed,
+        &format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: existing, namespace: {ns}}}\nstringData: {{keep: mine}}\n---\napiVersion: kubebao.io/v1alpha1\nkind: BaoSecret\nmetadata: {{name: merged, namespace: {ns}}}\nspec: {{secretPath: kv1/{ns}/app, target: {{name: existing, creationPolicy: Merge}}}}\n"
+        ),
+    );
+    let bs = baosecrets(bed, &ns).await;
+    wait_condition(&bs, "merged", "Ready", "True", "Synced").await;
+    assert_eq!(
+        secret_data(&secrets, "existing", "token").await.unwrap(),
+        "from-kv1"
+    );
+    assert_eq!(
+        secret_data(&secrets, "existing", "keep").await.unwrap(),
+        "mine",
+        "other keys untouched"
+    );
+    let existing = secrets.get("existing").await.unwrap();
+    assert!(
+        existing.metadata.owner_references.is_none(),
+        "Merge does not take ownership"
+    );
+    let status = &bs.get("merged").await.unwrap().data["status"];
+    assert!(
+        status.get("kvVersion").is_none(),
+        "KV v1 has no version: {status}"
+    );
 }
