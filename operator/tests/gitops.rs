@@ -1,0 +1,285 @@
+//! GitOps health of what the real operator writes: Flux's kstatus and Argo CD's Lua health
+//! check (run by their own code, tests/testbed/gitops-health) read a synced object as
+//! Current/Healthy and a failing one as Failed/Degraded, never as a silent success.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use kubebao_testbed::{Component, Testbed, wait_for};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repository root")
+        .to_path_buf()
+}
+
+fn kubectl(bed: &Testbed, args: &[&str], stdin: &str) -> Result<String, String> {
+    let mut child = Command::new(&bed.binaries().kubectl)
+        .arg(format!("--kubeconfig={}", bed.kubeconfig().display()))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run kubectl");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("kubectl output");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// (kstatus, Argo CD health) of one object as the API server returns it.
+fn health(bed: &Testbed, kind: &str, name: &str, namespace: Option<&str>) -> (String, String) {
+    let mut args = vec!["get", kind, name, "-o", "json"];
+    if let Some(ns) = namespace {
+        args.extend(["-n", ns]);
+    }
+    let object = kubectl(bed, &args, "").expect("get object");
+    let mut child = Command::new(&bed.binaries().gitops_health)
+        .arg(repo().join("deploy/argocd/health.lua"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run gitops-health");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(object.as_bytes())
+        .expect("write object");
+    let out = child.wait_with_output().expect("gitops-health output");
+    let results: Vec<Value> = serde_json::from_slice(&out.stdout).expect("gitops-health JSON");
+    (
+        results[0]["kstatus"].as_str().unwrap().into(),
+        results[0]["argocd"].as_str().unwrap().into(),
+    )
+}
+
+async fn wait_health(
+    bed: &Testbed,
+    operator: &mut Component,
+    kind: &str,
+    name: &str,
+    namespace: Option<&str>,
+    want: (&str, &str),
+) {
+    wait_for(&format!("{kind} {name} to read {want:?}"), WAIT, || {
+        operator.assert_running();
+        let got = health(bed, kind, name, namespace);
+        async move {
+            if got.0 == want.0 && got.1 == want.1 {
+                Ok(())
+            } else {
+                Err(format!("{got:?}"))
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn flux_and_argocd_see_synced_objects_healthy_and_failing_ones_degraded() {
+    let bed = Testbed::shared().await;
+    bed.enable_kubernetes_auth().await;
+    let bao = bed.openbao();
+    bao.enable_engine("secret", "kv", Some(2)).await;
+    bao.root(
+        Method::POST,
+        "secret/data/team/app",
+        Some(json!({"data": {"k": "v"}})),
+    )
+    .await;
+    // A policy someone wrote by hand: a BaoPolicy claiming its name must not take it over.
+    bao.root(
+        Method::POST,
+        "sys/policies/acl/hand-written",
+        Some(json!({"policy": "path \"x/*\" { capabilities = [\"read\"] }"})),
+    )
+    .await;
+    kubectl(
+        bed,
+        &[
+            "apply",
+            "--server-side",
+            "-f",
+            repo().join("crds").to_str().expect("path"),
+        ],
+        "",
+    )
+    .expect("apply CRDs");
+    kubectl(
+        bed,
+        &[
+            "wait",
+            "--for=condition=Established",
+            "crd",
+            "--all",
+            "--timeout=60s",
+        ],
+        "",
+    )
+    .expect("CRDs established");
+
+    let token_file = bed.dir().join("gitops-operator-token");
+    std::fs::write(&token_file, bao.root_token().expose()).expect("token file");
+    let kubeconfig = bed.kubeconfig().display().to_string();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut operator = Component::start_with_env(
+        "kubebao-operator-gitops",
+        bed.dir(),
+        Path::new(env!("CARGO_BIN_EXE_kubebao-operator")),
+        &[
+            format!("--openbao-addr={}", bao.addr()),
+            format!("--openbao-token-file={}", token_file.display()),
+            "--namespace=default".into(),
+            "--leader-elect=false".into(),
+            format!("--metrics-addr=127.0.0.1:{port}"),
+        ],
+        &[("KUBECONFIG", &kubeconfig), ("RUST_LOG", "info,kube=warn")],
+    );
+
+    let ns = bed.namespace("gitops").await;
+    let manifests = format!(
+        r#"
+apiVersion: kubebao.io/v1alpha1
+kind: BaoPolicy
+metadata: {{name: gitops-good}}
+spec:
+  rules:
+    - path: "secret/data/team/*"
+      capabilities: [read]
+  roles:
+    - name: gitops-reader
+      boundServiceAccountNames: [default]
+      boundServiceAccountNamespaces: ["{ns}"]
+      audience: openbao
+---
+apiVersion: kubebao.io/v1alpha1
+kind: BaoPolicy
+metadata: {{name: gitops-conflict}}
+spec:
+  name: hand-written
+  rules:
+    - path: "secret/data/other/*"
+      capabilities: [read]
+---
+apiVersion: kubebao.io/v1alpha1
+kind: BaoSecret
+metadata: {{name: good, namespace: "{ns}"}}
+spec:
+  secretPath: secret/data/team/app
+  role: gitops-reader
+  target: {{name: good}}
+---
+apiVersion: kubebao.io/v1alpha1
+kind: BaoSecret
+metadata: {{name: denied, namespace: "{ns}"}}
+spec:
+  secretPath: secret/data/elsewhere/app
+  role: gitops-reader
+  target: {{name: denied}}
+"#
+    );
+    kubectl(bed, &["apply", "-f", "-"], &manifests).expect("apply objects");
+
+    wait_health(
+        bed,
+        &mut operator,
+        "baopolicy",
+        "gitops-good",
+        None,
+        ("Current", "Healthy"),
+    )
+    .await;
+    wait_health(
+        bed,
+        &mut operator,
+        "baopolicy",
+        "gitops-conflict",
+        None,
+        ("Failed", "Degraded"),
+    )
+    .await;
+    wait_health(
+        bed,
+        &mut operator,
+        "baosecret",
+        "good",
+        Some(&ns),
+        ("Current", "Healthy"),
+    )
+    .await;
+    wait_health(
+        bed,
+        &mut operator,
+        "baosecret",
+        "denied",
+        Some(&ns),
+        ("Failed", "Degraded"),
+    )
+    .await;
+
+    // A spec change reads InProgress until the operator has observed it, then Current again.
+    let patched = kubectl(
+        bed,
+        &[
+            "patch",
+            "baosecret",
+            "good",
+            "-n",
+            &ns,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"refreshInterval":"30m"}}"#,
+        ],
+        "",
+    );
+    assert!(patched.is_ok(), "{patched:?}");
+    wait_health(
+        bed,
+        &mut operator,
+        "baosecret",
+        "good",
+        Some(&ns),
+        ("Current", "Healthy"),
+    )
+    .await;
+    let observed = kubectl(
+        bed,
+        &[
+            "get",
+            "baosecret",
+            "good",
+            "-n",
+            &ns,
+            "-o",
+            "jsonpath={.metadata.generation}/{.status.observedGeneration}",
+        ],
+        "",
+    )
+    .expect("generation");
+    let (generation, seen) = observed.split_once('/').expect("generation/observed");
+    assert_eq!(
+        generation, seen,
+        "Current means the latest generation was observed"
+    );
+}
