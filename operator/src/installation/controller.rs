@@ -51,6 +51,12 @@ pub struct Ctx {
     pub fallback: Option<OperatorIdentity>,
     /// Tokens from `auth.kubernetes` logins, by installation name, until they near expiry.
     logins: Mutex<HashMap<String, (SecretString, Instant)>>,
+    /// The last rotation request acted on, by installation name. The status says the same, but
+    /// the next reconcile may still see a cached object without it; rotating twice for one
+    /// request must not happen.
+    rotated: Mutex<HashMap<String, String>>,
+    /// When each installation's current key_id was first seen (same reason as `rotated`).
+    seen: Mutex<HashMap<String, (String, String)>>,
 }
 
 impl Ctx {
@@ -60,6 +66,8 @@ impl Ctx {
             client,
             fallback,
             logins: Mutex::new(HashMap::new()),
+            rotated: Mutex::new(HashMap::new()),
+            seen: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -555,40 +563,42 @@ pub async fn reconcile(obj: Arc<KubeBaoInstallation>, ctx: Arc<Ctx>) -> Result<A
                 }
                 requeue = Duration::from_secs(30);
             }
-            Ok((bao, token)) => match prepare_openbao(&obj, &bao, &token, &mut status).await {
-                Ok(id) => {
-                    role_id = Some(id);
-                    session = Some((bao, token));
-                    v.part(
-                        "OpenBaoReady",
-                        true,
-                        "Prepared",
-                        format!(
-                            "Transit key {}/{} version {}, policy and AppRole in place",
-                            spec.kms.transit_mount,
-                            spec.kms.key_name,
-                            status.key_version.unwrap_or(0)
-                        ),
-                    );
-                }
-                Err(e) => {
-                    let transient = e.is_transient();
-                    v.part(
-                        "OpenBaoReady",
-                        false,
-                        if transient {
-                            "OpenBaoUnavailable"
-                        } else {
-                            "PrepareFailed"
-                        },
-                        e.to_string(),
-                    );
-                    if !transient {
-                        v.stall("PrepareFailed", e.to_string());
+            Ok((bao, token)) => {
+                match prepare_openbao(&ctx, &obj, &bao, &token, &mut status).await {
+                    Ok(id) => {
+                        role_id = Some(id);
+                        session = Some((bao, token));
+                        v.part(
+                            "OpenBaoReady",
+                            true,
+                            "Prepared",
+                            format!(
+                                "Transit key {}/{} version {}, policy and AppRole in place",
+                                spec.kms.transit_mount,
+                                spec.kms.key_name,
+                                status.key_version.unwrap_or(0)
+                            ),
+                        );
                     }
-                    requeue = Duration::from_secs(30);
+                    Err(e) => {
+                        let transient = e.is_transient();
+                        v.part(
+                            "OpenBaoReady",
+                            false,
+                            if transient {
+                                "OpenBaoUnavailable"
+                            } else {
+                                "PrepareFailed"
+                            },
+                            e.to_string(),
+                        );
+                        if !transient {
+                            v.stall("PrepareFailed", e.to_string());
+                        }
+                        requeue = Duration::from_secs(30);
+                    }
                 }
-            },
+            }
         }
     } else {
         v.part(
@@ -697,6 +707,7 @@ pub async fn reconcile(obj: Arc<KubeBaoInstallation>, ctx: Arc<Ctx>) -> Result<A
 /// Prepares OpenBao and handles rotation requests; fills key version, key_id and rotation
 /// times in `status`. Returns the plugin's role_id.
 async fn prepare_openbao(
+    ctx: &Ctx,
     obj: &KubeBaoInstallation,
     bao: &OpenBao,
     token: &SecretString,
@@ -705,6 +716,10 @@ async fn prepare_openbao(
     let kms = &obj.spec.kms;
     prepare::validate(kms)?;
     let mut key = prepare::ensure_transit_key(bao, token, kms).await?;
+    let name = obj.name_any();
+    if let Some(remembered) = ctx.rotated.lock().expect("rotated").get(&name) {
+        status.last_rotate_request = Some(remembered.clone());
+    }
     if let Some(request) = obj.annotations().get(ROTATE_ANNOTATION)
         && status.last_rotate_request.as_deref() != Some(request.as_str())
     {
@@ -715,10 +730,23 @@ async fn prepare_openbao(
             .await?;
         tracing::info!(installation = %obj.name_any(), version = key.latest_version, "rotated the Transit key on request");
         status.last_rotate_request = Some(request.clone());
+        ctx.rotated
+            .lock()
+            .expect("rotated")
+            .insert(name.clone(), request.clone());
     }
     let key_id = prepare::current_key_id(&kms.transit_mount, &key);
-    if key_id != status.key_id {
-        status.key_id_since = Some(now());
+    if let Some(id) = &key_id {
+        let mut seen = ctx.seen.lock().expect("seen");
+        let since = match seen.get(&name) {
+            Some((k, t)) if k == id => t.clone(),
+            _ if status.key_id.as_ref() == Some(id) => {
+                status.key_id_since.clone().unwrap_or_else(now)
+            }
+            _ => now(),
+        };
+        seen.insert(name.clone(), (id.clone(), since.clone()));
+        status.key_id_since = Some(since);
     }
     status.key_id = key_id;
     status.key_version = Some(key.latest_version);

@@ -39,15 +39,15 @@ pub fn plugin_role_name(kms: &KmsSpec) -> String {
 
 /// The key_id the KMS plugin reports for `version` (same derivation as
 /// `agents/kms/src/envelope.rs`: `kb1-` + 128 bits of SHA-256 over the length-prefixed format
-/// tag, mount, key name, creation time of version 1 and the version).
-pub fn key_id(mount: &str, name: &str, created_v1: &str, version: u64) -> String {
+/// tag, mount, key name, version and that version's creation time as OpenBao reports it).
+pub fn key_id(mount: &str, name: &str, version: u64, created: &str) -> String {
     let mut h = Sha256::new();
     for part in [
         "kubebao-kms/key-id/v1",
         mount,
         name,
-        created_v1,
         &version.to_string(),
+        created,
     ] {
         h.update((part.len() as u64).to_be_bytes());
         h.update(part.as_bytes());
@@ -55,10 +55,13 @@ pub fn key_id(mount: &str, name: &str, created_v1: &str, version: u64) -> String
     format!("kb1-{}", hex::encode(&h.finalize()[..16]))
 }
 
-/// The key_id of the key's latest version, if version 1 is still listed.
+/// The key_id of the key's latest version.
 pub fn current_key_id(mount: &str, key: &TransitKey) -> Option<String> {
-    let v1 = key.versions.iter().find(|v| v.version == 1)?;
-    Some(key_id(mount, &key.name, &v1.created, key.latest_version))
+    let latest = key
+        .versions
+        .iter()
+        .find(|v| v.version == key.latest_version)?;
+    Some(key_id(mount, &key.name, latest.version, &latest.created))
 }
 
 /// The plugin's policy: encrypt, decrypt and read metadata of its one key; nothing else.
@@ -370,11 +373,11 @@ mod tests {
     #[test]
     fn key_id_matches_the_kms_plugin_golden_derivation() {
         // The plugin's derivation (agents/kms/src/envelope.rs): same inputs, same id.
-        let id = key_id("transit", "kubebao-kms", "1700000000", 3);
+        let id = key_id("transit", "kubebao-kms", 3, "1700000000");
         assert!(id.starts_with("kb1-") && id.len() == 36, "{id}");
-        assert_eq!(id, key_id("transit", "kubebao-kms", "1700000000", 3));
-        assert_ne!(id, key_id("transit", "kubebao-kms", "1700000000", 4));
-        assert_ne!(id, key_id("transit", "kubebao-kms", "1700000001", 3));
+        assert_eq!(id, key_id("transit", "kubebao-kms", 3, "1700000000"));
+        assert_ne!(id, key_id("transit", "kubebao-kms", 4, "1700000000"));
+        assert_ne!(id, key_id("transit", "kubebao-kms", 3, "1700000001"));
     }
 
     #[test]
@@ -398,15 +401,23 @@ mod tests {
 
     #[test]
     fn names_that_could_escape_their_path_are_refused() {
-        let mut kms = KmsSpec::default();
-        kms.key_name = "../sys".into();
-        assert!(validate(&kms).is_err());
-        let mut kms = KmsSpec::default();
-        kms.transit_mount = "transit\" {".into();
-        assert!(validate(&kms).is_err());
-        let mut kms = KmsSpec::default();
-        kms.rotation_period = "10m".into();
-        assert!(validate(&kms).is_err());
+        let bad = [
+            KmsSpec {
+                key_name: "../sys".into(),
+                ..KmsSpec::default()
+            },
+            KmsSpec {
+                transit_mount: "transit\" {".into(),
+                ..KmsSpec::default()
+            },
+            KmsSpec {
+                rotation_period: "10m".into(),
+                ..KmsSpec::default()
+            },
+        ];
+        for kms in bad {
+            assert!(validate(&kms).is_err(), "{kms:?}");
+        }
         assert!(validate(&KmsSpec::default()).is_ok());
     }
 
