@@ -23,6 +23,8 @@ pub struct Settings {
     pub token_audience: String,
     /// How often BaoPolicies are compared with OpenBao (drift repair).
     pub policy_resync: Duration,
+    /// Reconciles running at once per controller.
+    pub concurrency: u16,
 }
 
 /// Shared state handed to every reconcile.

@@ -117,6 +117,9 @@ struct RunArgs {
     /// Lease duration (a dead leader is replaced after at most this).
     #[arg(long, default_value = "15s", value_parser = duration)]
     lease_duration: Duration,
+    /// Reconciles running at once per controller (bounds API and OpenBao connections).
+    #[arg(long, env = "KUBEBAO_CONCURRENCY", default_value_t = 16)]
+    concurrency: u16,
     /// How often BaoPolicies are compared with OpenBao (drift repair).
     #[arg(long, default_value = "5m", value_parser = duration)]
     policy_resync: Duration,
@@ -306,6 +309,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
             auth_mount: args.auth_mount.clone(),
             token_audience: args.token_audience.clone(),
             policy_resync: args.policy_resync,
+            concurrency: args.concurrency,
         },
         failures: Default::default(),
         checks: Default::default(),
