@@ -91,7 +91,9 @@ pub async fn run(
     });
     let checks = base.clone();
     Controller::for_stream(baosecrets, reader)
-        .with_config(kube::runtime::controller::Config::default().concurrency(base.settings.concurrency))
+        .with_config(
+            kube::runtime::controller::Config::default().concurrency(base.settings.concurrency),
+        )
         .watches_stream(secrets, move |meta: PartialObjectMeta<Secret>| {
             let name = meta.labels().get(LABEL)?.clone();
             let ns = meta.namespace()?;
