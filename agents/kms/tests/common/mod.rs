@@ -132,8 +132,10 @@ impl Agent {
             format!("--socket={}", socket.display()),
             format!("--http-addr={http}"),
             "--probe-interval=1s".into(),
-            "--log-level=info,kubebao_kms=debug,kubebao_openbao=debug".into(),
         ];
+        if !args.iter().any(|a| a.starts_with("--log-level")) {
+            all.push("--log-level=info,kubebao_kms=debug,kubebao_openbao=debug".into());
+        }
         all.extend(args.iter().cloned());
         let process = Component::start(
             name,
