@@ -643,6 +643,45 @@ async fn tenants_read_only_what_their_role_allows_and_only_into_their_namespace(
         (ready.0.as_str(), ready.1.as_str()),
         ("False", "PermissionDenied")
     );
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(bed.client().await, &ns);
+    wait_for("a Warning event for the denied read", WAIT, || async {
+        let list = events
+            .list(&Default::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        list.items
+            .iter()
+            .find(|e| {
+                e.reason.as_deref() == Some("PermissionDenied")
+                    && e.type_.as_deref() == Some("Warning")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("steal")
+            })
+            .map(|_| ())
+            .ok_or(format!("{} events, none matching", list.items.len()))
+    })
+    .await;
+    // Backoff: every retry of the broken BaoSecret costs one OpenBao request (the denied read),
+    // never a login plus a read.
+    let denied_reconciles =
+        "kubebao_operator_reconciles_total{kind=\"BaoSecret\",result=\"PermissionDenied\"}";
+    let denied_reads =
+        "kubebao_operator_openbao_requests_total{op=\"kv_read\",result=\"permission_denied\"}";
+    wait_for("a retry after backoff", WAIT, || async {
+        let n = metric_all(setup, denied_reconciles).await;
+        if n >= 2.0 {
+            Ok(())
+        } else {
+            Err(format!("{n} failed reconciles"))
+        }
+    })
+    .await;
+    // Reads first: a read counted here has had its reconcile counted by the second scrape.
+    let reads = metric_all(setup, denied_reads).await;
+    let reconciles = metric_all(setup, denied_reconciles).await;
+    assert!(
+        reads <= reconciles,
+        "{reads} denied reads for {reconciles} retries"
+    );
     let message = wait_condition(&bs, "elsewhere", "Stalled", "True", "CrossNamespaceTarget").await;
     assert!(message.contains("own namespace"), "{message}");
     let secrets: Api<Secret> = Api::namespaced(bed.client().await, &ns);
