@@ -208,7 +208,12 @@ async fn one_installation_prepares_openbao_installs_the_plugin_and_encrypts_etcd
             "kms": {
                 "manifestDir": manifests, "configDir": config, "socketPath": socket,
                 "healthPort": kms_port, "rewriteAfterRotation": true, "rewriteDelaySeconds": 75,
-                "uninstallGraceSeconds": 30, "secretIdTtlSeconds": 3600,
+                "uninstallGraceSeconds": 30,
+                // Registered nodes have no kubelet, so they get the unreachable taint after
+                // ~50 s; tolerate it so cp-1 stays a target and deletion waits for its
+                // installer (the grace period) instead of finding no node to wait for.
+                "tolerations": [{"operator": "Exists"}],
+                "secretIdTtlSeconds": 3600,
             },
             "csi": {"providerDir": h.join("providers")},
         }
@@ -365,6 +370,30 @@ async fn one_installation_prepares_openbao_installs_the_plugin_and_encrypts_etcd
         match counts("kubebao-csi").await? {
             2 => Ok(()),
             n => Err(format!("desired {n}")),
+        }
+    })
+    .await;
+    // Status: nodes desired per component; without a kubelet nothing becomes ready, so the
+    // installation is Reconciling (kstatus: in progress), not Stalled.
+    wait_for("status to count the nodes", WAIT, || {
+        let api = api.clone();
+        async move {
+            let o = api.get("kubebao").await.map_err(|e| e.to_string())?;
+            let st = &o.data["status"];
+            let reconciling = condition(&o, "Reconciling").map(|c| c.0);
+            let stalled = condition(&o, "Stalled").map(|c| c.0);
+            if st["kms"]["desired"] == 1
+                && st["csi"]["desired"] == 2
+                && st["kms"]["summary"] == "0/1"
+                && reconciling.as_deref() == Some("True")
+                && stalled.as_deref() == Some("False")
+            {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{st} reconciling={reconciling:?} stalled={stalled:?}"
+                ))
+            }
         }
     })
     .await;
