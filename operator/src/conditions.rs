@@ -49,11 +49,36 @@ impl Outcome {
     }
 }
 
-fn now() -> String {
+/// The current time as RFC 3339, in whole seconds (the format of Kubernetes timestamps).
+pub fn now() -> String {
     k8s_openapi::jiff::Timestamp::now()
         .round(k8s_openapi::jiff::Unit::Second)
         .expect("round to seconds")
         .to_string()
+}
+
+/// One condition, keeping `lastTransitionTime` from `previous` when its status did not flip.
+pub fn condition(
+    previous: &[Condition],
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+) -> Condition {
+    let last_transition_time = previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(now);
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message: message.into(),
+        last_transition_time,
+        observed_generation: generation,
+    }
 }
 
 /// The conditions for `outcome`, reusing transition times from `previous` where the status did
@@ -70,20 +95,7 @@ pub fn conditions(
         Outcome::Stalled { .. } => (false, false, true),
     };
     let make = |type_: &str, status: bool, reason: &str, message: &str| {
-        let status = flag(status).to_string();
-        let last_transition_time = previous
-            .iter()
-            .find(|c| c.type_ == type_ && c.status == status)
-            .map(|c| c.last_transition_time.clone())
-            .unwrap_or_else(now);
-        Condition {
-            type_: type_.into(),
-            status,
-            reason: reason.into(),
-            message: message.into(),
-            last_transition_time,
-            observed_generation: generation,
-        }
+        condition(previous, type_, flag(status), reason, message, generation)
     };
     let (reason, message) = (outcome.reason(), outcome.message());
     vec![

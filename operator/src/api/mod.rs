@@ -38,7 +38,8 @@ pub fn all_yaml() -> String {
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
-    /// Condition type: `Ready`, `Reconciling` or `Stalled`.
+    /// Condition type: `Ready`, `Reconciling` or `Stalled` (a KubeBaoInstallation also reports
+    /// `OpenBaoReady`, `KMSReady` and `CSIReady`).
     #[serde(rename = "type")]
     pub type_: String,
     /// `True`, `False` or `Unknown`.

@@ -109,13 +109,6 @@ fn error_policy(obj: Arc<KubeBaoInstallation>, e: &Error, _: Arc<Ctx>) -> Action
     Action::requeue(Duration::from_secs(15))
 }
 
-fn now() -> String {
-    Timestamp::now()
-        .round(k8s_openapi::jiff::Unit::Second)
-        .expect("round to seconds")
-        .to_string()
-}
-
 fn unix(ts: &str) -> Option<i64> {
     ts.parse::<Timestamp>().ok().map(|t| t.as_second())
 }
@@ -129,21 +122,11 @@ pub fn set_condition(
     message: &str,
     generation: Option<i64>,
 ) {
-    let status = if status { "True" } else { "False" }.to_string();
-    let last = conditions
-        .iter()
-        .find(|c| c.type_ == type_ && c.status == status)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or_else(now);
+    let status = if status { "True" } else { "False" };
+    let updated =
+        crate::conditions::condition(conditions, type_, status, reason, message, generation);
     conditions.retain(|c| c.type_ != type_);
-    conditions.push(Condition {
-        type_: type_.into(),
-        status,
-        reason: reason.into(),
-        message: message.into(),
-        last_transition_time: last,
-        observed_generation: generation,
-    });
+    conditions.push(updated);
     conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
 }
 
@@ -740,10 +723,11 @@ async fn prepare_openbao(
         let mut seen = ctx.seen.lock().expect("seen");
         let since = match seen.get(&name) {
             Some((k, t)) if k == id => t.clone(),
-            _ if status.key_id.as_ref() == Some(id) => {
-                status.key_id_since.clone().unwrap_or_else(now)
-            }
-            _ => now(),
+            _ if status.key_id.as_ref() == Some(id) => status
+                .key_id_since
+                .clone()
+                .unwrap_or_else(crate::conditions::now),
+            _ => crate::conditions::now(),
         };
         seen.insert(name.clone(), (id.clone(), since.clone()));
         status.key_id_since = Some(since);
@@ -869,7 +853,7 @@ async fn cleanup(
             None => {
                 apply(&cms, installer::config_map(spec, &rctx, bundle), obj).await?;
                 apply(&dss, installer::daemonset(spec, &rctx, &hash), obj).await?;
-                let s = now();
+                let s = crate::conditions::now();
                 status.uninstall_started = Some(s.clone());
                 let mut v = Verdict::default();
                 v.part(

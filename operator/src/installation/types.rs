@@ -355,26 +355,7 @@ pub struct Toleration {
     pub toleration_seconds: Option<i64>,
 }
 
-/// A status condition (the `metav1.Condition` shape).
-#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Default)]
-#[serde(rename_all = "camelCase")]
-pub struct Condition {
-    /// `OpenBaoReady`, `KMSReady`, `CSIReady`, `Ready`, `Reconciling` or `Stalled`.
-    #[serde(rename = "type")]
-    pub type_: String,
-    /// `True`, `False` or `Unknown`.
-    pub status: String,
-    /// CamelCase reason for the last transition.
-    pub reason: String,
-    /// What is wrong and what to do, or what is done.
-    #[serde(default)]
-    pub message: String,
-    /// When the status last flipped (RFC 3339).
-    pub last_transition_time: String,
-    /// The generation the condition was computed for.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub observed_generation: Option<i64>,
-}
+pub use crate::api::Condition;
 
 fn yes() -> bool {
     true
