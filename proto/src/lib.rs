@@ -1,4 +1,7 @@
-//! The gRPC contracts KubeBao serves, generated from `proto/` (wire-identical to upstream).
+//! The gRPC contracts KubeBao serves, generated from `proto/` (wire-identical to upstream), and
+//! the private unix socket they are served on.
+
+pub mod socket;
 
 /// Kubernetes KMS v2 (`k8s.io/kms/apis/v2`), served by the KMS plugin.
 pub mod kms {

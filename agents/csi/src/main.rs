@@ -138,7 +138,6 @@ async fn run(args: Args) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {} for /metrics: {e}", args.listen))?;
     let (listener, socket) = server::bind_socket(&args.provider_dir)
-        .await
         .map_err(|e| format!("cannot serve on {}: {e}", args.provider_dir.display()))?;
     tracing::info!(
         socket = %socket.display(),

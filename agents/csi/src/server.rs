@@ -2,7 +2,6 @@
 //! over HTTP on a local address.
 
 use std::future::Future;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -93,44 +92,12 @@ fn pod_label(attributes: &str) -> String {
     )
 }
 
-/// Binds `<dir>/kubebao.sock` with mode 0600.
-///
-/// A leftover socket from a crashed agent is replaced; a socket something still listens on
-/// is not (two agents would steal each other's mounts), nor is a path that is not a socket.
-/// The socket is bound under a temporary name, restricted, then renamed into place, so it is
-/// never reachable with looser permissions.
-pub async fn bind_socket(dir: &Path) -> std::io::Result<(UnixListener, PathBuf)> {
-    std::fs::create_dir_all(dir)?;
+/// Binds `<dir>/kubebao.sock` privately (see `kubebao_proto::socket::bind_private`).
+pub fn bind_socket(
+    dir: &Path,
+) -> Result<(UnixListener, PathBuf), kubebao_proto::socket::SocketError> {
     let path = dir.join(format!("{PROVIDER_NAME}.sock"));
-    match std::fs::symlink_metadata(&path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            if tokio::net::UnixStream::connect(&path).await.is_ok() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::AddrInUse,
-                    format!(
-                        "{} is in use by another running provider; stop it first",
-                        path.display()
-                    ),
-                ));
-            }
-            tracing::info!(socket = %path.display(), "removing stale socket");
-            std::fs::remove_file(&path)?;
-        }
-        Ok(_) => {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                format!("{} exists and is not a socket; remove it", path.display()),
-            ));
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let tmp = dir.join(format!(".{PROVIDER_NAME}.sock.{}", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    let listener = UnixListener::bind(&tmp)?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-    std::fs::rename(&tmp, &path)?;
-    Ok((listener, path))
+    Ok((kubebao_proto::socket::bind_private(&path)?, path))
 }
 
 /// Serves gRPC on `listener` until `shutdown` completes. The socket is removed at once (the

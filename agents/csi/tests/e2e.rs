@@ -884,7 +884,7 @@ async fn socket_is_private_stale_sockets_are_replaced_and_version_answers() {
     assert!(
         std::fs::read_to_string(second.log_path())
             .unwrap()
-            .contains("in use by another running provider")
+            .contains("another process is serving")
     );
 
     // Killed without cleanup, the socket stays behind; the next agent replaces it.

@@ -1,8 +1,6 @@
 //! Serving: the unix socket (mode 0600, stale-socket handling, removal on shutdown), the
 //! metrics/health HTTP endpoint, the background probe and token upkeep.
 
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use axum::Router;
@@ -11,7 +9,6 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use kubebao_openbao::{OpenBao, Session};
 use kubebao_proto::kms::key_management_service_server::KeyManagementServiceServer;
-use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::config::Config;
@@ -19,63 +16,6 @@ use crate::plugin::{Health, KmsService, Plugin, PluginSettings};
 
 /// How long in-flight requests may take to finish after SIGTERM.
 const DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// Prepares the socket path: creates the directory, and removes an old socket only when
-/// nothing accepts connections on it (another plugin may be serving there).
-pub fn clear_stale_socket(path: &Path) -> Result<(), String> {
-    if let Some(dir) = path.parent()
-        && !dir.as_os_str().is_empty()
-    {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create socket directory {}: {e}", dir.display()))?;
-    }
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(format!("cannot inspect {}: {e}", path.display())),
-    };
-    if !meta.file_type().is_socket() {
-        return Err(format!(
-            "{} exists and is not a socket; refusing to remove it (choose another --socket or remove it yourself)",
-            path.display()
-        ));
-    }
-    match std::os::unix::net::UnixStream::connect(path) {
-        Ok(_) => Err(format!(
-            "another process is serving on {}; stop it first or choose another --socket",
-            path.display()
-        )),
-        Err(_) => {
-            tracing::info!(socket = %path.display(), "removing stale socket (nothing listens on it)");
-            std::fs::remove_file(path)
-                .map_err(|e| format!("cannot remove stale socket {}: {e}", path.display()))
-        }
-    }
-}
-
-/// Binds the socket with mode 0600 without a window where it is reachable with a wider mode:
-/// bind under a temporary name, chmod, then rename into place (atomic on one file system).
-pub fn bind_socket(path: &Path) -> Result<UnixListener, String> {
-    clear_stale_socket(path)?;
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| format!("--socket {} has no file name", path.display()))?;
-    let tmp: PathBuf = path.with_file_name(format!(
-        ".{}.{}.tmp",
-        file_name.to_string_lossy(),
-        std::process::id()
-    ));
-    let _ = std::fs::remove_file(&tmp);
-    let listener = UnixListener::bind(&tmp)
-        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-    let done = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-        .and_then(|_| std::fs::rename(&tmp, path));
-    if let Err(e) = done {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(format!("cannot set up socket {}: {e}", path.display()));
-    }
-    Ok(listener)
-}
 
 async fn metrics(State(plugin): State<Arc<Plugin>>) -> ([(&'static str, &'static str); 1], String) {
     plugin.update_token_metrics();
@@ -143,7 +83,8 @@ pub async fn serve(config: Config) -> Result<(), String> {
     let http = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .map_err(|e| format!("cannot listen on --http-addr {}: {e}", config.http_addr))?;
-    let listener = bind_socket(&config.socket)?;
+    let listener =
+        kubebao_proto::socket::bind_private(&config.socket).map_err(|e| e.to_string())?;
     tracing::info!(
         socket = %config.socket.display(),
         http = %config.http_addr,
