@@ -16,20 +16,12 @@ use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, PostParams,
 };
 use kubebao_openbao::SecretString;
-use kubebao_testbed::{Component, Testbed, TestbedOptions, wait_for};
+use kubebao_testbed::{Component, Testbed, TestbedOptions, free_port, wait_for};
 use reqwest::Method;
 use serde_json::json;
 
 const CONCURRENCY: usize = 32;
 const REFRESH: &str = "30s";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 async fn metric(url: &str, prefix: &str) -> f64 {
     let Ok(resp) = reqwest::get(url).await else {

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams,
 };
-use kubebao_testbed::{Component, Testbed, wait_for};
+use kubebao_testbed::{Component, Testbed, free_port, wait_for};
 use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::sync::{Mutex, OnceCell};
@@ -35,14 +35,6 @@ struct Setup {
 }
 
 static SETUP: OnceCell<Setup> = OnceCell::const_new();
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Runs kubectl; Ok(stdout) or Err(stderr).
 fn kubectl(bed: &Testbed, args: &[&str], stdin: Option<&str>) -> Result<String, String> {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use kubebao_testbed::{Component, Testbed, wait_for};
+use kubebao_testbed::{Component, Testbed, free_port, wait_for};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -138,11 +138,7 @@ async fn flux_and_argocd_see_synced_objects_healthy_and_failing_ones_degraded() 
     let token_file = bed.dir().join("gitops-operator-token");
     std::fs::write(&token_file, bao.root_token().expose()).expect("token file");
     let kubeconfig = bed.kubeconfig().display().to_string();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut operator = Component::start_with_env(
         "kubebao-operator-gitops",
         bed.dir(),

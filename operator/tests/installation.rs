@@ -18,19 +18,11 @@ use kube::api::{
     Api, ApiResource, DynamicObject, GroupVersionKind, ObjectMeta, Patch, PatchParams, PostParams,
 };
 use kubebao_openbao::{Credentials, SecretString};
-use kubebao_testbed::{Component, Testbed, wait_for};
+use kubebao_testbed::{Component, Testbed, free_port, wait_for};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(60);
 const NS: &str = "kube-system";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Builds an agent binary of this workspace into this test's target dir and returns its path.
 fn agent_binary(package: &str, bin: &str) -> PathBuf {

@@ -25,5 +25,5 @@ pub use openbao::OpenBaoServer;
 pub use paths::Binaries;
 pub use pki::Pki;
 pub use process::Component;
-pub use testbed::{Testbed, TestbedOptions};
+pub use testbed::{Testbed, TestbedOptions, free_port};
 pub use wait::wait_for;

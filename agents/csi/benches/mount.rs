@@ -17,7 +17,7 @@ use futures::future::join_all;
 use kubebao_openbao::{Credentials, OpenBao, SecretString};
 use kubebao_proto::csi::MountRequest;
 use kubebao_proto::csi::csi_driver_provider_client::CsiDriverProviderClient;
-use kubebao_testbed::{Component, Testbed, TestbedOptions, wait_for};
+use kubebao_testbed::{Component, Testbed, TestbedOptions, free_port, wait_for};
 use reqwest::Method;
 use serde_json::json;
 use tonic::transport::Channel;
@@ -183,11 +183,7 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("key");
     std::fs::write(&key, [9u8; 32]).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let providers = dir.path().join("providers");
     let mut agent = Component::start(
         "kubebao-csi",

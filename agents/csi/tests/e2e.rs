@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use kube::api::{Api, PostParams};
 use kubebao_proto::csi::csi_driver_provider_client::CsiDriverProviderClient;
 use kubebao_proto::csi::{MountRequest, MountResponse, VersionRequest};
-use kubebao_testbed::{Component, Testbed, wait_for};
+use kubebao_testbed::{Component, Testbed, free_port, wait_for};
 use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::sync::{OnceCell, RwLock};
@@ -185,11 +185,7 @@ async fn agent(bed: &Testbed) -> Agent {
 }
 
 async fn start_agent(bed: &Testbed, dir: tempfile::TempDir, key: &Path) -> Agent {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let providers = dir.path().join("providers");
     let args = vec![
         format!("--provider-dir={}", providers.display()),
@@ -613,11 +609,7 @@ async fn kv1_kv2_every_key_encodings_and_readable_errors() {
     );
 
     // An OpenBao address nothing listens on (the SecretProviderClass may set its own).
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let closed = free_port();
     let address = format!("http://127.0.0.1:{closed}");
     let unreachable = agent
         .mount(&driver_attributes(
@@ -897,11 +889,7 @@ async fn socket_is_private_stale_sockets_are_replaced_and_version_answers() {
     process.kill();
     assert!(socket.exists(), "a killed agent leaves its socket");
     let dir2 = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut third = Component::start(
         "kubebao-csi-third",
         dir2.path(),
@@ -1049,11 +1037,7 @@ async fn postgres() -> Postgres {
         "initdb: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let (program, args) = as_postgres(
         bin.join("postgres"),
         vec![

@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
 use kubebao_proto::csi::MountRequest;
 use kubebao_proto::csi::csi_driver_provider_client::CsiDriverProviderClient;
-use kubebao_testbed::{Component, Testbed, wait_for};
+use kubebao_testbed::{Component, Testbed, free_port, wait_for};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -132,14 +132,6 @@ async fn http_ok(url: String) -> Result<String, String> {
     let ok = resp.status().is_success();
     let body = resp.text().await.map_err(|e| e.to_string())?;
     if ok { Ok(body) } else { Err(body) }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("port")
-        .local_addr()
-        .expect("addr")
-        .port()
 }
 
 #[tokio::main]

@@ -2,6 +2,7 @@
 //! credentials, the plugin process and a gRPC client over its socket.
 #![allow(dead_code)]
 
+pub use kubebao_testbed::free_port;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -11,15 +12,6 @@ use kubebao_testbed::{Component, OpenBaoServer, wait_for};
 use reqwest::Method;
 use serde_json::json;
 use tonic::transport::Channel;
-
-/// A free loopback port.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
 
 /// The plugin's policy: exactly what docs/kms.md documents.
 pub fn policy_hcl(mount: &str, key: &str) -> String {
