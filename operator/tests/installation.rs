@@ -63,22 +63,10 @@ fn condition(obj: &DynamicObject, type_: &str) -> Option<(String, String, String
 }
 
 /// Writes the installer's ConfigMap and Secret into directories, as the kubelet mounts them.
-async fn sync_mounts(client: &kube::Client, bundle: &Path, secrets: &Path) -> Result<(), String> {
-    let cm = Api::<ConfigMap>::namespaced(client.clone(), NS)
-        .get("kubebao-installer")
-        .await
-        .map_err(|e| e.to_string())?;
-    for (k, v) in cm.data.unwrap_or_default() {
-        std::fs::write(bundle.join(k), v).unwrap();
-    }
-    let s = Api::<Secret>::namespaced(client.clone(), NS)
-        .get("kubebao-kms-approle")
-        .await
-        .map_err(|e| e.to_string())?;
-    for (k, v) in s.data.unwrap_or_default() {
-        std::fs::write(secrets.join(k), v.0).unwrap();
-    }
-    Ok(())
+async fn sync_mounts(bed: &Testbed, bundle: &Path, secrets: &Path) -> Result<(), String> {
+    bed.mount_config_map(NS, "kubebao-installer", bundle)
+        .await?;
+    bed.mount_secret(NS, "kubebao-kms-approle", secrets).await
 }
 
 async fn http_get(url: &str) -> Result<String, String> {
@@ -425,9 +413,7 @@ async fn one_installation_prepares_openbao_installs_the_plugin_and_encrypts_etcd
     let (bundle_dir, secrets_dir) = (mounts.path().join("bundle"), mounts.path().join("secrets"));
     std::fs::create_dir_all(&bundle_dir).unwrap();
     std::fs::create_dir_all(&secrets_dir).unwrap();
-    sync_mounts(&client, &bundle_dir, &secrets_dir)
-        .await
-        .unwrap();
+    sync_mounts(bed, &bundle_dir, &secrets_dir).await.unwrap();
     let installer_port = free_port();
     let mut installer = Component::start(
         "kubebao-installer",
@@ -631,11 +617,10 @@ async fn one_installation_prepares_openbao_installs_the_plugin_and_encrypts_etcd
     ];
     wait_for("the installer to uninstall", WAIT, || {
         installer.assert_running();
-        let client = client.clone();
         let (b, s) = (bundle_dir.clone(), secrets_dir.clone());
         let readyz = readyz.clone();
         async move {
-            let _ = sync_mounts(&client, &b, &s).await;
+            let _ = sync_mounts(bed, &b, &s).await;
             let r = http_get(&readyz).await?;
             if r.starts_with("uninstalled") {
                 Ok(())

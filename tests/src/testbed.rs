@@ -383,6 +383,48 @@ impl Testbed {
             .await;
     }
 
+    /// Writes a ConfigMap's data into `dir`, one file per key, as the kubelet mounts a
+    /// ConfigMap volume (there is no kubelet). Err while the ConfigMap does not exist yet.
+    pub async fn mount_config_map(
+        &self,
+        namespace: &str,
+        name: &str,
+        dir: &Path,
+    ) -> Result<(), String> {
+        let cm = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(
+            self.client().await,
+            namespace,
+        )
+        .get(name)
+        .await
+        .map_err(|e| format!("ConfigMap {namespace}/{name}: {e}"))?;
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        for (key, value) in cm.data.unwrap_or_default() {
+            std::fs::write(dir.join(key), value).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Writes a Secret's data into `dir`, one file per key, as the kubelet mounts a Secret
+    /// volume. Err while the Secret does not exist yet.
+    pub async fn mount_secret(
+        &self,
+        namespace: &str,
+        name: &str,
+        dir: &Path,
+    ) -> Result<(), String> {
+        let secret =
+            Api::<k8s_openapi::api::core::v1::Secret>::namespaced(self.client().await, namespace)
+                .get(name)
+                .await
+                .map_err(|e| format!("Secret {namespace}/{name}: {e}"))?;
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        for (key, value) in secret.data.unwrap_or_default() {
+            std::fs::write(dir.join(key), value.0).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
     /// Runs the real kubectl against this test bed; returns stdout, panics with stderr on failure.
     pub fn kubectl(&self, args: &[&str]) -> String {
         let out = std::process::Command::new(&self.bins.kubectl)

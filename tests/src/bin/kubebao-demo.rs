@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
 use kubebao_proto::csi::MountRequest;
 use kubebao_proto::csi::csi_driver_provider_client::CsiDriverProviderClient;
@@ -250,32 +250,17 @@ async fn main() {
     );
     std::fs::create_dir_all(&bundle_dir).expect("bundle dir");
     std::fs::create_dir_all(&secrets_dir).expect("secrets dir");
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "kube-system");
-    let secrets_ks: Api<Secret> = Api::namespaced(client.clone(), "kube-system");
-    let bundle = wait_for("the installer bundle", WAIT, || {
-        let cms = cms.clone();
-        async move {
-            cms.get("kubebao-installer")
+    wait_for(
+        "the installer bundle and the plugin's AppRole Secret",
+        WAIT,
+        || async {
+            bed.mount_config_map("kube-system", "kubebao-installer", &bundle_dir)
+                .await?;
+            bed.mount_secret("kube-system", "kubebao-kms-approle", &secrets_dir)
                 .await
-                .map_err(|e| e.to_string())
-        }
-    })
+        },
+    )
     .await;
-    for (k, v) in bundle.data.unwrap_or_default() {
-        std::fs::write(bundle_dir.join(k), v).expect("write bundle file");
-    }
-    let creds = wait_for("the plugin's AppRole Secret", WAIT, || {
-        let s = secrets_ks.clone();
-        async move {
-            s.get("kubebao-kms-approle")
-                .await
-                .map_err(|e| e.to_string())
-        }
-    })
-    .await;
-    for (k, v) in creds.data.unwrap_or_default() {
-        std::fs::write(secrets_dir.join(k), v.0).expect("write credential");
-    }
     let installer_port = free_port();
     let mut installer = Component::start(
         "kubebao-installer",
@@ -364,12 +349,15 @@ async fn main() {
     step("A pod mounts examples/secretproviderclass.yaml through the CSI provider");
     let csi_dir = bed.dir().join("csi");
     std::fs::create_dir_all(&csi_dir).expect("csi dir");
-    let version_key = csi_dir.join("object-version.key");
-    let key_secret = secrets_ks
-        .get("kubebao-csi-object-version-key")
-        .await
-        .expect("object version key Secret");
-    std::fs::write(&version_key, &key_secret.data.unwrap_or_default()["key"].0).expect("write key");
+    // The object-version key, as the CSI DaemonSet mounts it from the rendered Secret.
+    bed.mount_secret(
+        "kube-system",
+        "kubebao-csi-object-version-key",
+        &csi_dir.join("version-key"),
+    )
+    .await
+    .expect("object version key Secret");
+    let version_key = csi_dir.join("version-key/key");
     let mut csi = Component::start(
         "kubebao-csi",
         bed.dir(),
