@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use kubebao_openbao::{Error as BaoError, Session, TransitKey};
+use kubebao_openbao::{Error as BaoError, SecretString, Session, TransitKey};
 use kubebao_proto::kms::key_management_service_server::KeyManagementService;
 use kubebao_proto::kms::{
     DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, StatusRequest, StatusResponse,
@@ -218,6 +218,26 @@ impl Plugin {
 
     /// Marks the plugin unhealthy after a failed call, so Status reflects an outage before the
     /// next probe; the next successful probe clears it.
+    /// One Transit call with the session's token: records its latency and result, and lets a
+    /// failure that says OpenBao is down, sealed or refusing us show in Status at once.
+    async fn transit<T, F, Fut>(&self, op: &'static str, call: F) -> Result<T, BaoError>
+    where
+        F: Fn(SecretString) -> Fut,
+        Fut: std::future::Future<Output = Result<T, BaoError>>,
+    {
+        let started = Instant::now();
+        let result = self.session.with_token(call).await;
+        self.metrics.openbao(
+            op,
+            result.as_ref().map_or_else(|e| e.kind(), |_| "ok"),
+            started.elapsed(),
+        );
+        if let Err(e) = &result {
+            self.note_failure(e);
+        }
+        result
+    }
+
     fn note_failure(&self, e: &BaoError) {
         if e.is_unavailable() || e.is_permission_denied() {
             self.set(None, Health::from_error(e, false));
@@ -320,10 +340,8 @@ impl Plugin {
         let key_id = snapshot.current_key_id.clone();
         let ad = envelope::associated_data(&key_id, &self.settings.aad_context);
         let (mount, key) = (&self.settings.mount, &self.settings.key);
-        let started = Instant::now();
-        let result = self
-            .session
-            .with_token(|t| {
+        let ciphertext = self
+            .transit("encrypt", |t| {
                 let ad = ad.clone();
                 async move {
                     self.session
@@ -332,16 +350,8 @@ impl Plugin {
                         .await
                 }
             })
-            .await;
-        self.metrics.openbao(
-            "encrypt",
-            result.as_ref().map_or_else(|e| e.kind(), |_| "ok"),
-            started.elapsed(),
-        );
-        let ciphertext = result.map_err(|e| {
-            self.note_failure(&e);
-            status_for(&e, "Transit encrypt failed")
-        })?;
+            .await
+            .map_err(|e| status_for(&e, "Transit encrypt failed"))?;
         if ciphertext.len() > envelope::MAX_CIPHERTEXT {
             return Err(Status::internal(
                 "Transit returned a ciphertext over the API server's 1 KiB limit",
@@ -370,10 +380,8 @@ impl Plugin {
         let ciphertext = envelope::check_ciphertext(&req.ciphertext, version).map_err(refuse)?;
         let ad = envelope::associated_data(&req.key_id, &self.settings.aad_context);
         let (mount, key) = (&self.settings.mount, &self.settings.key);
-        let started = Instant::now();
-        let result = self
-            .session
-            .with_token(|t| {
+        let plaintext = self
+            .transit("decrypt", |t| {
                 let ad = ad.clone();
                 async move {
                     self.session
@@ -382,22 +390,14 @@ impl Plugin {
                         .await
                 }
             })
-            .await;
-        self.metrics.openbao(
-            "decrypt",
-            result.as_ref().map_or_else(|e| e.kind(), |_| "ok"),
-            started.elapsed(),
-        );
-        let plaintext = result.map_err(|e| {
-            self.note_failure(&e);
-            match e {
+            .await
+            .map_err(|e| match e {
                 // Transit says 400 for a failed authentication tag or a bad version.
                 BaoError::Invalid { .. } => Status::invalid_argument(
                     "Transit refused the ciphertext: tampered, truncated, bound to another context, or its key version is no longer allowed",
                 ),
                 e => status_for(&e, "Transit decrypt failed"),
-            }
-        })?;
+            })?;
         Ok(DecryptResponse { plaintext })
     }
 
