@@ -381,7 +381,7 @@ async fn main() {
         .json()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,kube=warn".into()),
+                .unwrap_or_else(|_| "info,kube_client=warn,kube_runtime=warn".into()),
         )
         .init();
     if let Err(e) = run(cli.run).await {

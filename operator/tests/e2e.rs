@@ -94,7 +94,7 @@ fn start_operator(bed: &Testbed, n: usize, token_file: &std::path::Path) -> Oper
         bed.dir(),
         &PathBuf::from(env!("CARGO_BIN_EXE_kubebao-operator")),
         &args,
-        &[("KUBECONFIG", &kubeconfig), ("RUST_LOG", "info,kube=warn")],
+        &[("KUBECONFIG", &kubeconfig)],
     );
     Operator {
         process,

@@ -150,7 +150,7 @@ async fn flux_and_argocd_see_synced_objects_healthy_and_failing_ones_degraded() 
             "--leader-elect=false".into(),
             format!("--metrics-addr=127.0.0.1:{port}"),
         ],
-        &[("KUBECONFIG", &kubeconfig), ("RUST_LOG", "info,kube=warn")],
+        &[("KUBECONFIG", &kubeconfig)],
     );
 
     let ns = bed.namespace("gitops").await;

@@ -141,7 +141,7 @@ async fn the_operator_logs_in_as_its_service_account_and_keeps_working_past_its_
             "--leader-elect=false".into(),
             format!("--metrics-addr=127.0.0.1:{}", free_port()),
         ],
-        &[("KUBECONFIG", &kubeconfig), ("RUST_LOG", "info,kube=warn")],
+        &[("KUBECONFIG", &kubeconfig)],
     );
 
     apply(

@@ -163,7 +163,7 @@ async fn one_installation_prepares_openbao_installs_the_plugin_and_encrypts_etcd
             "--leader-elect=false".into(),
             format!("--metrics-addr=127.0.0.1:{metrics_port}"),
         ],
-        &[("KUBECONFIG", &kubeconfig), ("RUST_LOG", "info,kube=warn")],
+        &[("KUBECONFIG", &kubeconfig)],
     );
 
     // A temporary "host": manifest dir, config dir, socket dir.

@@ -167,6 +167,11 @@ impl Component {
 
 impl Drop for Component {
     fn drop(&mut self) {
+        // A failing test shows what each of its components last said (the logs live in a
+        // temporary directory that is removed with the test bed).
+        if std::thread::panicking() {
+            eprintln!("\n{}\n", self.report());
+        }
         self.stop();
     }
 }

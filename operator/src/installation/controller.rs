@@ -16,6 +16,7 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use kubebao_openbao::{ClientConfig, Credentials, OpenBao, SecretString};
@@ -51,10 +52,11 @@ pub struct Ctx {
     pub fallback: Option<OperatorIdentity>,
     /// Tokens from `auth.kubernetes` logins, by installation name, until they near expiry.
     logins: Mutex<HashMap<String, (SecretString, Instant)>>,
-    /// The last rotation request acted on, by installation name. The status says the same, but
-    /// the next reconcile may still see a cached object without it; rotating twice for one
-    /// request must not happen.
-    rotated: Mutex<HashMap<String, String>>,
+    /// The last rotation request acted on, by installation name, with the key's latest version
+    /// before it. Recorded before the rotate call, so a request whose answer was lost (timeout,
+    /// failed status write, stale cached object) is recognised by the key having moved past that
+    /// version: one request never rotates twice.
+    rotated: Mutex<HashMap<String, (String, u64)>>,
     /// When each installation's current key_id was first seen (same reason as `rotated`).
     seen: Mutex<HashMap<String, (String, String)>>,
 }
@@ -93,7 +95,10 @@ pub async fn run(
         Api::<KubeBaoInstallation>::all(client.clone()),
         watcher::Config::default(),
     )
-    .owns(Api::<DaemonSet>::all(client), managed)
+    // Not `.owns()`: for a cluster-scoped owner it enqueues the owner under the child's
+    // namespace, a different key than the main watch's, so one installation could be reconciled
+    // twice at once (two rotations for one request, stale writes). Map to the cluster-scoped key.
+    .watches(Api::<DaemonSet>::all(client), managed, owning_installations)
     .graceful_shutdown_on(shutdown)
     .run(reconcile, error_policy, ctx)
     .for_each(|r| async move {
@@ -102,6 +107,20 @@ pub async fn run(
         }
     })
     .await;
+}
+
+/// The installations that own `ds`, keyed as the main watch keys them (no namespace).
+fn owning_installations(ds: DaemonSet) -> Vec<ObjectRef<KubeBaoInstallation>> {
+    ds.metadata
+        .owner_references
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|o| {
+            o.kind == KubeBaoInstallation::kind(&())
+                && o.api_version == KubeBaoInstallation::api_version(&())
+        })
+        .map(|o| ObjectRef::new(&o.name))
+        .collect()
 }
 
 fn error_policy(obj: Arc<KubeBaoInstallation>, e: &Error, _: Arc<Ctx>) -> Action {
@@ -700,23 +719,27 @@ async fn prepare_openbao(
     prepare::validate(kms)?;
     let mut key = prepare::ensure_transit_key(bao, token, kms).await?;
     let name = obj.name_any();
-    if let Some(remembered) = ctx.rotated.lock().expect("rotated").get(&name) {
-        status.last_rotate_request = Some(remembered.clone());
-    }
-    if let Some(request) = obj.annotations().get(ROTATE_ANNOTATION)
-        && status.last_rotate_request.as_deref() != Some(request.as_str())
-    {
+    let attempted = ctx.rotated.lock().expect("rotated").get(&name).cloned();
+    let (acted, rotate_from) = rotation_plan(
+        obj.annotations().get(ROTATE_ANNOTATION).map(String::as_str),
+        status.last_rotate_request.as_deref(),
+        attempted.as_ref(),
+        key.latest_version,
+    );
+    status.last_rotate_request = acted;
+    if let Some(before) = rotate_from {
+        let request = obj.annotations()[ROTATE_ANNOTATION].clone();
+        ctx.rotated
+            .lock()
+            .expect("rotated")
+            .insert(name.clone(), (request.clone(), before));
         bao.transit_rotate(token, &kms.transit_mount, &kms.key_name)
             .await?;
         key = bao
             .transit_key(token, &kms.transit_mount, &kms.key_name)
             .await?;
-        tracing::info!(installation = %obj.name_any(), version = key.latest_version, "rotated the Transit key on request");
-        status.last_rotate_request = Some(request.clone());
-        ctx.rotated
-            .lock()
-            .expect("rotated")
-            .insert(name.clone(), request.clone());
+        tracing::info!(installation = %name, version = key.latest_version, "rotated the Transit key on request");
+        status.last_rotate_request = Some(request);
     }
     let key_id = prepare::current_key_id(&kms.transit_mount, &key);
     if let Some(id) = &key_id {
@@ -741,6 +764,31 @@ async fn prepare_openbao(
         .map(|v| v.created.clone());
     let policy = prepare::ensure_policy(bao, token, kms).await?;
     prepare::ensure_approle(bao, token, kms, &policy).await
+}
+
+/// Which `kubebao.io/rotate` request counts as acted on, and — when the current one has not
+/// been — the key version to rotate from. `attempted` is the last request this operator tried,
+/// with the key's latest version before it: once the key has moved past that version the
+/// request is done, even if OpenBao's answer or the status write was lost.
+fn rotation_plan(
+    request: Option<&str>,
+    acted: Option<&str>,
+    attempted: Option<&(String, u64)>,
+    latest: u64,
+) -> (Option<String>, Option<u64>) {
+    let acted = match attempted {
+        Some((r, before)) if latest > *before => Some(r.clone()),
+        _ => acted.map(str::to_string),
+    };
+    let rotate_from = match request {
+        Some(r) if acted.as_deref() != Some(r) => Some(match attempted {
+            // Tried before and the key has not moved: the same request, from the same version.
+            Some((tried, before)) if tried == r => *before,
+            _ => latest,
+        }),
+        _ => None,
+    };
+    (acted, rotate_from)
 }
 
 /// One batch of the rewrite: no-op updates of Secrets (kube-apiserver re-encrypts a Secret
@@ -942,6 +990,49 @@ async fn cleanup(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_owned_daemonset_wakes_its_installation_under_the_same_key_as_the_main_watch() {
+        let mut inst = KubeBaoInstallation::new(
+            "kubebao",
+            serde_json::from_value(json!({"openbao": {"address": "https://bao:8200"}})).unwrap(),
+        );
+        inst.metadata.uid = Some("u1".into());
+        let ds = DaemonSet {
+            metadata: kube::api::ObjectMeta {
+                name: Some("kubebao-installer".into()),
+                namespace: Some("kube-system".into()),
+                owner_references: inst.controller_owner_ref(&()).map(|o| vec![o]),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        // The same key, so the controller never runs two reconciles of one installation at once.
+        assert_eq!(owning_installations(ds), vec![ObjectRef::from_obj(&inst)]);
+    }
+
+    #[test]
+    fn one_rotate_request_rotates_once_even_when_the_answer_is_lost() {
+        let r1 = Some("r1");
+        // No request, or one already acted on: nothing to do.
+        assert_eq!(rotation_plan(None, None, None, 1), (None, None));
+        assert_eq!(rotation_plan(r1, r1, None, 2), (Some("r1".into()), None));
+        // A new request rotates from the key's current version.
+        assert_eq!(rotation_plan(r1, None, None, 1), (None, Some(1)));
+        // The rotate call's answer was lost, but the key moved: done, no second rotation.
+        let tried = ("r1".to_string(), 1);
+        assert_eq!(
+            rotation_plan(r1, None, Some(&tried), 2),
+            (Some("r1".into()), None)
+        );
+        // The call failed and the key did not move: try the same request again.
+        assert_eq!(rotation_plan(r1, None, Some(&tried), 1), (None, Some(1)));
+        // A newer request after that one rotates again, from the new version.
+        assert_eq!(
+            rotation_plan(Some("r2"), r1, Some(&tried), 2),
+            (Some("r1".into()), Some(2))
+        );
+    }
 
     #[test]
     fn transition_time_is_kept_while_a_condition_does_not_flip() {

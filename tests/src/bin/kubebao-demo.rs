@@ -206,7 +206,7 @@ async fn main() {
             "--leader-elect=false".into(),
             format!("--metrics-addr=127.0.0.1:{}", free_port()),
         ],
-        &[("KUBECONFIG", &kubeconfig), ("RUST_LOG", "info,kube=warn")],
+        &[("KUBECONFIG", &kubeconfig)],
     );
     said(&format!(
         "kubebao-operator runs (log: {})",
