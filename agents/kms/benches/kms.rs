@@ -31,6 +31,7 @@ use kubebao_proto::kms::{DecryptRequest, EncryptRequest, StatusRequest};
 use kubebao_testbed::{Testbed, TestbedOptions};
 
 struct Stats {
+    mean: Duration,
     p50: Duration,
     p99: Duration,
     per_sec: f64,
@@ -99,6 +100,7 @@ impl Samples {
     fn stats(mut self) -> Stats {
         self.latencies.sort();
         Stats {
+            mean: self.latencies.iter().sum::<Duration>() / self.latencies.len() as u32,
             p50: pct(&self.latencies, 0.5),
             p99: pct(&self.latencies, 0.99),
             per_sec: self.latencies.len() as f64 / self.wall.as_secs_f64(),
@@ -201,6 +203,7 @@ async fn run() {
     );
     println!("{:-<100}", "");
     let mut rows = Vec::new();
+    let mut breakdown = None;
     for concurrency in [1usize, 32] {
         // Warm-up both paths.
         for _ in 0..50 {
@@ -280,7 +283,7 @@ async fn run() {
             )
             .await
         };
-        for (name, d, p) in [("Encrypt", d_enc, p_enc), ("Decrypt", d_dec, p_dec)] {
+        for (name, d, p) in [("Encrypt", &d_enc, &p_enc), ("Decrypt", &d_dec, &p_dec)] {
             println!("{name} c={concurrency:<2} direct  {d}");
             println!("{name} c={concurrency:<2} plugin  {p}");
             let row = format!(
@@ -295,6 +298,10 @@ async fn run() {
                 d.per_sec / p.per_sec,
             );
             rows.push(row);
+        }
+        if concurrency == 1 {
+            let means = [(d_enc.mean, p_enc.mean), (d_dec.mean, p_dec.mean)];
+            breakdown = Some(plugin_breakdown(&agent.http, means).await);
         }
     }
     let status = {
@@ -327,6 +334,14 @@ async fn run() {
         status.p99.as_secs_f64() * 1e3,
         status.per_sec
     );
+    println!("\nInside the plugin at concurrency 1 (means, ms):");
+    println!(
+        "| call | direct call | plugin call | plugin's handler | OpenBao call in the handler | plugin's own work | gRPC transport |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for r in breakdown.expect("measured at concurrency 1") {
+        println!("{r}");
+    }
 
     if secrets > 0 {
         cold_start(&bed, &agent, secrets).await;
@@ -448,4 +463,48 @@ async fn cold_start(bed: &Testbed, agent: &Agent, n: usize) {
     );
     println!("  all runs (restart, LIST): identity {identity:?}, kms {kms:?}");
     println!("  Decrypt calls served per restart + LIST: {decrypt_calls:?}");
+}
+
+/// Where a plugin call's time goes (means, ms): the benchmark's direct call and plugin call
+/// (`means`, Encrypt then Decrypt), and from the plugin's own /metrics its gRPC handler and the
+/// OpenBao call inside it. Plugin call minus handler is the gRPC transport.
+async fn plugin_breakdown(http: &str, means: [(Duration, Duration); 2]) -> [String; 2] {
+    let metrics = reqwest::get(format!("http://{http}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    // `name{labels}` → mean of `name_sum{labels}` / `name_count{labels}`, in ms.
+    let mean = |series: &str| {
+        let (name, labels) = series.split_once('{').expect("series with labels");
+        let value = |suffix: &str| {
+            metrics
+                .lines()
+                .find(|l| l.starts_with(&format!("{name}{suffix}{{{labels} ")))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(f64::NAN)
+        };
+        value("_sum") / value("_count") * 1e3
+    };
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let [enc, dec] = means;
+    [("Encrypt", "encrypt", enc), ("Decrypt", "decrypt", dec)].map(
+        |(method, op, (direct, plugin))| {
+            let handler = mean(&format!(
+                "kubebao_kms_request_duration_seconds{{method=\"{method}\"}}"
+            ));
+            let inner = mean(&format!(
+                "kubebao_kms_openbao_request_duration_seconds{{operation=\"{op}\",outcome=\"ok\"}}"
+            ));
+            format!(
+                "| {method} | {:.3} | {:.3} | {handler:.3} | {inner:.3} | {:.3} | {:.3} |",
+                ms(direct),
+                ms(plugin),
+                handler - inner,
+                ms(plugin) - handler,
+            )
+        },
+    )
 }
