@@ -17,6 +17,7 @@ use crate::baosecret::MANAGER;
 use crate::conditions::{Outcome, conditions};
 use crate::context::Context;
 use crate::hcl;
+use crate::lenient::{self, Lenient};
 
 /// Finalizer that removes the policy and roles from OpenBao before the object goes.
 pub const FINALIZER: &str = "kubebao.io/openbao-cleanup";
@@ -69,9 +70,17 @@ pub enum Error {
 
 /// Reconciles one BaoPolicy (apply or cleanup through the finalizer).
 pub async fn reconcile(
-    bp: Arc<BaoPolicy>,
+    obj: Arc<Lenient<BaoPolicy>>,
     ctx: Arc<Context>,
 ) -> Result<Action, kube::runtime::finalizer::Error<Error>> {
+    // An object that does not parse waits, deletion included: without the spec the OpenBao
+    // policy to remove is unknown.
+    let Some(bp) = lenient::parsed(&ctx.client, &obj)
+        .await
+        .map_err(|e| kube::runtime::finalizer::Error::ApplyFailed(Error::Kube(e)))?
+    else {
+        return Ok(Action::await_change());
+    };
     let api: Api<BaoPolicy> = Api::all(ctx.client.clone());
     finalizer(&api, FINALIZER, bp, |event| async {
         match event {
@@ -152,8 +161,9 @@ async fn apply(bp: Arc<BaoPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
 }
 
 /// The BaoPolicy that claims `name` first (oldest, then by object name) among live objects.
+/// Objects that do not parse claim nothing.
 async fn first_claimant(ctx: &Context, name: &str) -> Result<Option<BaoPolicy>, Outcome> {
-    let api: Api<BaoPolicy> = Api::all(ctx.client.clone());
+    let api: Api<Lenient<BaoPolicy>> = Api::all(ctx.client.clone());
     let all = api
         .list(&ListParams::default())
         .await
@@ -164,6 +174,10 @@ async fn first_claimant(ctx: &Context, name: &str) -> Result<Option<BaoPolicy>, 
     Ok(all
         .items
         .into_iter()
+        .filter_map(|p| match p {
+            Lenient::Valid(p) => Some(p),
+            Lenient::Invalid { .. } => None,
+        })
         .filter(|p| p.meta().deletion_timestamp.is_none() && policy_name(p) == name)
         .min_by(|a, b| {
             (a.meta().creation_timestamp.clone(), a.name_any())

@@ -24,6 +24,7 @@ use crate::api::baosecret::{RolloutTarget, WorkloadKind};
 use crate::api::{BaoSecret, BaoSecretStatus, CreationPolicy};
 use crate::conditions::{Outcome, conditions};
 use crate::context::{Context, parse_duration};
+use crate::lenient::{self, Lenient};
 use crate::tenant::{TenantError, TenantIdentity};
 
 /// The one field manager for everything the operator applies.
@@ -63,10 +64,10 @@ pub async fn run(
     stop: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = base.client.clone();
-    let (reader, writer) = reflector::store::<BaoSecret>();
+    let (reader, writer) = reflector::store::<Lenient<BaoSecret>>();
     // Status-only updates (our own) do not trigger a reconcile: the generation predicate.
     let baosecrets = watcher(
-        Api::<BaoSecret>::all(client.clone()),
+        Api::<Lenient<BaoSecret>>::all(client.clone()),
         watcher::Config::default(),
     )
     .default_backoff()
@@ -111,7 +112,12 @@ pub async fn run(
         })
         .graceful_shutdown_on(stop)
         .run(
-            reconcile,
+            |obj, ctx| async move {
+                match lenient::parsed(&ctx.base.client, &obj).await? {
+                    Some(bs) => reconcile(bs, ctx).await,
+                    None => Ok(Action::await_change()),
+                }
+            },
             |_, e, _| {
                 tracing::warn!(error = %e, "BaoSecret status update failed; retrying");
                 Action::requeue(Duration::from_secs(5))

@@ -10,6 +10,7 @@ mod hcl;
 mod identity;
 mod installation;
 mod leader;
+mod lenient;
 mod metrics;
 mod server;
 mod tenant;
@@ -36,6 +37,7 @@ use crate::api::BaoPolicy;
 use crate::context::{Context, Settings, parse_duration};
 use crate::identity::{Identity, IdentitySource};
 use crate::leader::{LeaderLease, LeaseConfig};
+use crate::lenient::Lenient;
 use crate::metrics::Metrics;
 
 #[derive(Parser, Debug)]
@@ -166,7 +168,7 @@ fn run_installations(ctx: Arc<Context>, stop: watch::Receiver<bool>) -> BoxFutur
 
 fn run_baopolicies(ctx: Arc<Context>, stop: watch::Receiver<bool>) -> BoxFuture<'static, ()> {
     Box::pin(async move {
-        Controller::new(Api::<BaoPolicy>::all(ctx.client.clone()), watcher::Config::default())
+        Controller::new(Api::<Lenient<BaoPolicy>>::all(ctx.client.clone()), watcher::Config::default())
             .graceful_shutdown_on(stopped(stop))
             .run(baopolicy::reconcile, |bp, e, ctx: Arc<Context>| {
                 tracing::warn!(baopolicy = %kube::ResourceExt::name_any(&*bp), error = %e, "BaoPolicy reconcile failed; retrying");

@@ -1022,3 +1022,110 @@ async fn kv_v1_secret_merges_into_an_existing_secret() {
         "KV v1 has no version: {status}"
     );
 }
+
+#[tokio::test]
+async fn one_malformed_object_does_not_stop_the_others() {
+    let setup = setup().await;
+    let bed = setup.bed;
+    let ns = tenant(bed, "malformed", json!({"pass": "good"})).await;
+    // Objects stored around the API server's validation, as under an older CRD schema: a number
+    // where the operator expects a string, a string where it expects a list.
+    let stored = |kind: &str, name: &str, namespace: Option<&str>, spec: Value| {
+        let mut metadata = json!({
+            "name": name, "uid": format!("00000000-0000-4000-8000-{:012}", free_port()),
+            "generation": 1, "creationTimestamp": "2026-01-01T00:00:00Z",
+        });
+        if let Some(ns) = namespace {
+            metadata["namespace"] = json!(ns);
+        }
+        json!({"apiVersion": "kubebao.io/v1alpha1", "kind": kind, "metadata": metadata, "spec": spec})
+            .to_string()
+    };
+    let policy_name = format!("{ns}-broken");
+    bed.etcd()
+        .put(
+            &format!("/registry/kubebao.io/baosecrets/{ns}/broken"),
+            stored(
+                "BaoSecret",
+                "broken",
+                Some(&ns),
+                json!({"secretPath": 42, "target": {"name": "broken"}}),
+            )
+            .as_bytes(),
+        )
+        .await;
+    bed.etcd()
+        .put(
+            &format!("/registry/kubebao.io/baopolicies/{policy_name}"),
+            stored("BaoPolicy", &policy_name, None, json!({"rules": "all"})).as_bytes(),
+        )
+        .await;
+
+    // Each is reported as what it is, with what to do.
+    let bs = baosecrets(bed, &ns).await;
+    let message = wait_condition(&bs, "broken", "Stalled", "True", "InvalidObject").await;
+    assert!(message.contains("invalid type: integer `42`"), "{message}");
+    assert!(message.contains("kubectl edit"), "{message}");
+    // The API server refuses even a status write for this one (its CEL rule cannot evaluate a
+    // string as a list), so the Warning event is what tells the user.
+    let policies = baopolicies(bed).await;
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(bed.client().await, "default");
+    wait_for(
+        "a Warning event on the malformed BaoPolicy",
+        WAIT,
+        || async {
+            let list = events
+                .list(&Default::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            list.items
+                .iter()
+                .find(|e| {
+                    e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                        == Some(policy_name.as_str())
+                        && e.reason.as_deref() == Some("InvalidObject")
+                        && e.type_.as_deref() == Some("Warning")
+                })
+                .and_then(|e| e.note.clone())
+                .filter(|note| note.contains("expected a sequence"))
+                .map(|_| ())
+                .ok_or_else(|| format!("{} events, none yet", list.items.len()))
+        },
+    )
+    .await;
+
+    // Objects created after them are reconciled as usual.
+    apply(
+        bed,
+        &format!(
+            "apiVersion: kubebao.io/v1alpha1\nkind: BaoSecret\nmetadata: {{name: app, namespace: {ns}}}\nspec: {{secretPath: secret/data/{ns}/app, target: {{name: app}}}}\n"
+        ),
+    );
+    wait_condition(&bs, "app", "Ready", "True", "Synced").await;
+    let secrets: Api<Secret> = Api::namespaced(bed.client().await, &ns);
+    assert_eq!(secret_data(&secrets, "app", "pass").await.unwrap(), "good");
+    let good_policy = format!("{ns}-good");
+    apply(
+        bed,
+        &format!(
+            "apiVersion: kubebao.io/v1alpha1\nkind: BaoPolicy\nmetadata: {{name: {good_policy}}}\nspec: {{rules: [{{path: \"secret/data/{ns}/*\", capabilities: [read]}}]}}\n"
+        ),
+    );
+    wait_condition(&policies, &good_policy, "Ready", "True", "Synced").await;
+    assert!(
+        secrets.get_opt("broken").await.unwrap().is_none(),
+        "nothing is written for the malformed BaoSecret"
+    );
+
+    // A malformed object can be deleted like any other.
+    bs.delete("broken", &DeleteParams::default()).await.unwrap();
+    policies
+        .delete(&policy_name, &DeleteParams::default())
+        .await
+        .unwrap();
+    policies
+        .delete(&good_policy, &DeleteParams::default())
+        .await
+        .unwrap();
+}

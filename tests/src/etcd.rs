@@ -62,14 +62,15 @@ impl Etcd {
     }
 }
 
-/// Reads the bytes etcd stores under a key (e.g. `/registry/secrets/<ns>/<name>`).
+/// The API server's storage, seen directly: what is really stored, and writes that bypass the
+/// API server's validation (as an object stored under an older schema would).
 #[derive(Clone, Debug)]
-pub struct EtcdReader {
+pub struct RawEtcd {
     pub(crate) url: String,
     pub(crate) http: reqwest::Client,
 }
 
-impl EtcdReader {
+impl RawEtcd {
     /// The raw stored value, or None when the key does not exist.
     pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
         let body = serde_json::json!({ "key": B64.encode(key) });
@@ -85,5 +86,18 @@ impl EtcdReader {
             .expect("etcd range response");
         let value = resp.get("kvs")?.get(0)?.get("value")?.as_str()?;
         Some(B64.decode(value).expect("etcd value is base64"))
+    }
+
+    /// Stores `value` under `key` directly, without the API server's validation.
+    pub async fn put(&self, key: &str, value: &[u8]) {
+        let body = serde_json::json!({ "key": B64.encode(key), "value": B64.encode(value) });
+        let resp = self
+            .http
+            .post(format!("{}/v3/kv/put", self.url))
+            .json(&body)
+            .send()
+            .await
+            .expect("etcd put request");
+        assert!(resp.status().is_success(), "etcd put: {}", resp.status());
     }
 }

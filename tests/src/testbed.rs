@@ -14,7 +14,7 @@ use reqwest::Method;
 use serde_json::json;
 use tokio::sync::{Mutex, OnceCell};
 
-use crate::etcd::{Etcd, EtcdReader};
+use crate::etcd::{Etcd, RawEtcd};
 use crate::kube_cluster::{ApiServerSpec, start_controller_manager, write_kubeconfig};
 use crate::{Binaries, Component, OpenBaoServer, Pki, wait_for};
 
@@ -213,9 +213,9 @@ impl Testbed {
             .expect("this test bed was started without OpenBao")
     }
 
-    /// Reads raw values from etcd.
-    pub fn etcd(&self) -> EtcdReader {
-        EtcdReader {
+    /// etcd directly: raw reads, and writes that bypass the API server.
+    pub fn etcd(&self) -> RawEtcd {
+        RawEtcd {
             url: self.etcd.client_url.clone(),
             http: reqwest::Client::new(),
         }

@@ -31,6 +31,7 @@ use crate::installation::types::{
     Condition, FINALIZER, KubeBaoInstallation, KubeBaoInstallationSpec, KubeBaoInstallationStatus,
     ROTATE_ANNOTATION, RewriteStatus, RolloutStatus,
 };
+use crate::lenient::{self, Lenient};
 
 /// Fetches the operator's own OpenBao token (its leader-wide identity).
 pub type TokenFn = Arc<dyn Fn() -> BoxFuture<'static, Result<SecretString, String>> + Send + Sync>;
@@ -92,7 +93,7 @@ pub async fn run(
     let managed =
         watcher::Config::default().labels("app.kubernetes.io/managed-by=kubebao-operator");
     Controller::new(
-        Api::<KubeBaoInstallation>::all(client.clone()),
+        Api::<Lenient<KubeBaoInstallation>>::all(client.clone()),
         watcher::Config::default(),
     )
     // Not `.owns()`: for a cluster-scoped owner it enqueues the owner under the child's
@@ -110,7 +111,7 @@ pub async fn run(
 }
 
 /// The installations that own `ds`, keyed as the main watch keys them (no namespace).
-fn owning_installations(ds: DaemonSet) -> Vec<ObjectRef<KubeBaoInstallation>> {
+fn owning_installations(ds: DaemonSet) -> Vec<ObjectRef<Lenient<KubeBaoInstallation>>> {
     ds.metadata
         .owner_references
         .unwrap_or_default()
@@ -123,7 +124,7 @@ fn owning_installations(ds: DaemonSet) -> Vec<ObjectRef<KubeBaoInstallation>> {
         .collect()
 }
 
-fn error_policy(obj: Arc<KubeBaoInstallation>, e: &Error, _: Arc<Ctx>) -> Action {
+fn error_policy(obj: Arc<Lenient<KubeBaoInstallation>>, e: &Error, _: Arc<Ctx>) -> Action {
     tracing::warn!(installation = %obj.name_any(), error = %e, "KubeBaoInstallation reconcile failed; retrying");
     Action::requeue(Duration::from_secs(15))
 }
@@ -483,7 +484,17 @@ fn rollout_condition(v: &mut Verdict, t: &'static str, r: &RolloutStatus, what: 
 }
 
 /// Reconciles one KubeBaoInstallation.
-pub async fn reconcile(obj: Arc<KubeBaoInstallation>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+pub async fn reconcile(
+    obj: Arc<Lenient<KubeBaoInstallation>>,
+    ctx: Arc<Ctx>,
+) -> Result<Action, Error> {
+    match lenient::parsed(&ctx.client, &obj).await? {
+        Some(o) => reconcile_valid(o, ctx).await,
+        None => Ok(Action::await_change()),
+    }
+}
+
+async fn reconcile_valid(obj: Arc<KubeBaoInstallation>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let name = obj.name_any();
     let api: Api<KubeBaoInstallation> = Api::all(ctx.client.clone());
     let generation = obj.metadata.generation;
@@ -494,16 +505,18 @@ pub async fn reconcile(obj: Arc<KubeBaoInstallation>, ctx: Arc<Ctx>) -> Result<A
     }
 
     // One per cluster: the oldest wins; the others say why they do nothing.
-    let all = api.list(&ListParams::default()).await?;
+    let all = Api::<Lenient<KubeBaoInstallation>>::all(ctx.client.clone())
+        .list(&ListParams::default())
+        .await?;
     let winner = all
         .items
         .iter()
         .filter(|o| {
-            o.metadata.deletion_timestamp.is_none() || o.finalizers().iter().any(|f| f == FINALIZER)
+            o.meta().deletion_timestamp.is_none() || o.finalizers().iter().any(|f| f == FINALIZER)
         })
         .min_by_key(|o| {
             (
-                o.metadata.creation_timestamp.clone().map(|t| t.0),
+                o.meta().creation_timestamp.clone().map(|t| t.0),
                 o.name_any(),
             )
         })
@@ -1008,7 +1021,10 @@ mod tests {
             ..Default::default()
         };
         // The same key, so the controller never runs two reconciles of one installation at once.
-        assert_eq!(owning_installations(ds), vec![ObjectRef::from_obj(&inst)]);
+        assert_eq!(
+            owning_installations(ds),
+            vec![ObjectRef::from_obj(&Lenient::Valid(inst))]
+        );
     }
 
     #[test]
