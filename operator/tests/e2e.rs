@@ -225,6 +225,32 @@ async fn wait_condition(
     .await
 }
 
+/// Waits for a Warning event with `reason` about the object `name` in namespace `ns` (events
+/// about cluster-scoped objects land in `default`); returns its note.
+async fn warning_event(bed: &Testbed, ns: &str, name: &str, reason: &str) -> String {
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(bed.client().await, ns);
+    wait_for(
+        &format!("a Warning event {reason} about {name}"),
+        WAIT,
+        || async {
+            let list = events
+                .list(&Default::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            list.items
+                .iter()
+                .find(|e| {
+                    e.reason.as_deref() == Some(reason)
+                        && e.type_.as_deref() == Some("Warning")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                })
+                .map(|e| e.note.clone().unwrap_or_default())
+                .ok_or(format!("{} events, none matching", list.items.len()))
+        },
+    )
+    .await
+}
+
 /// A namespace with a KV v2 secret at `secret/data/<ns>/app` and an OpenBao role named after
 /// the namespace (the BaoSecret default) that may read it.
 async fn tenant(bed: &Testbed, prefix: &str, data: Value) -> String {
@@ -635,23 +661,7 @@ async fn tenants_read_only_what_their_role_allows_and_only_into_their_namespace(
         (ready.0.as_str(), ready.1.as_str()),
         ("False", "PermissionDenied")
     );
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(bed.client().await, &ns);
-    wait_for("a Warning event for the denied read", WAIT, || async {
-        let list = events
-            .list(&Default::default())
-            .await
-            .map_err(|e| e.to_string())?;
-        list.items
-            .iter()
-            .find(|e| {
-                e.reason.as_deref() == Some("PermissionDenied")
-                    && e.type_.as_deref() == Some("Warning")
-                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("steal")
-            })
-            .map(|_| ())
-            .ok_or(format!("{} events, none matching", list.items.len()))
-    })
-    .await;
+    warning_event(bed, &ns, "steal", "PermissionDenied").await;
     // Backoff: every retry of the broken BaoSecret costs one OpenBao request (the denied read),
     // never a login plus a read.
     let denied_reconciles =
@@ -1069,31 +1079,8 @@ async fn one_malformed_object_does_not_stop_the_others() {
     // The API server refuses even a status write for this one (its CEL rule cannot evaluate a
     // string as a list), so the Warning event is what tells the user.
     let policies = baopolicies(bed).await;
-    let events: Api<k8s_openapi::api::events::v1::Event> =
-        Api::namespaced(bed.client().await, "default");
-    wait_for(
-        "a Warning event on the malformed BaoPolicy",
-        WAIT,
-        || async {
-            let list = events
-                .list(&Default::default())
-                .await
-                .map_err(|e| e.to_string())?;
-            list.items
-                .iter()
-                .find(|e| {
-                    e.regarding.as_ref().and_then(|r| r.name.as_deref())
-                        == Some(policy_name.as_str())
-                        && e.reason.as_deref() == Some("InvalidObject")
-                        && e.type_.as_deref() == Some("Warning")
-                })
-                .and_then(|e| e.note.clone())
-                .filter(|note| note.contains("expected a sequence"))
-                .map(|_| ())
-                .ok_or_else(|| format!("{} events, none yet", list.items.len()))
-        },
-    )
-    .await;
+    let note = warning_event(bed, "default", &policy_name, "InvalidObject").await;
+    assert!(note.contains("expected a sequence"), "{note}");
 
     // Objects created after them are reconciled as usual.
     apply(
