@@ -45,10 +45,6 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn kubectl_apply(bed: &Testbed, file: &std::path::Path) {
-    bed.kubectl(&["apply", "-f", &file.display().to_string()]);
-}
-
 #[tokio::main]
 async fn main() {
     let n: usize = std::env::var("KUBEBAO_BENCH_N")
@@ -160,17 +156,7 @@ async fn main() {
         .expect("delete baseline");
 
     // The operator.
-    let crds = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../crds/kubebao.io.yaml"
-    ));
-    kubectl_apply(&bed, &crds);
-    bed.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "crd/baosecrets.kubebao.io",
-        "--timeout=60s",
-    ]);
+    bed.install_crds();
     let _ = bed.kubectl(&["create", "namespace", "kubebao-system"]);
     let port = free_port();
     let metrics = format!("http://127.0.0.1:{port}/metrics");

@@ -37,36 +37,6 @@ struct Setup {
 static SETUP: OnceCell<Setup> = OnceCell::const_new();
 
 /// Runs kubectl; Ok(stdout) or Err(stderr).
-fn kubectl(bed: &Testbed, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
-    use std::io::Write;
-    let mut child = std::process::Command::new(&bed.binaries().kubectl)
-        .arg(format!("--kubeconfig={}", bed.kubeconfig().display()))
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run kubectl");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.unwrap_or("").as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
-
-fn apply(bed: &Testbed, yaml: &str) {
-    if let Err(e) = kubectl(bed, &["apply", "-f", "-"], Some(yaml)) {
-        panic!("kubectl apply failed: {e}\n{yaml}");
-    }
-}
-
 fn start_operator(bed: &Testbed, n: usize, token_file: &std::path::Path) -> Operator {
     let port = free_port();
     let args: Vec<String> = [
@@ -129,25 +99,8 @@ async fn setup() -> &'static Setup {
                 .to_string();
             let token_file = bed.dir().join("operator-token");
             std::fs::write(&token_file, token).unwrap();
-            let crds = std::fs::read_to_string(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../crds/kubebao.io.yaml"
-            ))
-            .unwrap();
-            apply(bed, &crds);
-            kubectl(
-                bed,
-                &[
-                    "wait",
-                    "--for=condition=Established",
-                    "crd/baosecrets.kubebao.io",
-                    "crd/baopolicies.kubebao.io",
-                    "--timeout=60s",
-                ],
-                None,
-            )
-            .expect("CRDs established");
-            let _ = kubectl(bed, &["create", "namespace", "kubebao-system"], None);
+            bed.install_crds();
+            let _ = bed.try_kubectl(&["create", "namespace", "kubebao-system"], "");
             let mut operators = vec![
                 start_operator(bed, 1, &token_file),
                 start_operator(bed, 2, &token_file),
@@ -278,7 +231,8 @@ async fn tenant(bed: &Testbed, prefix: &str, data: Value) -> String {
     )
     .await;
     wait_for("the default ServiceAccount", WAIT, || async {
-        kubectl(bed, &["-n", &ns, "get", "serviceaccount", "default"], None).map(|_| ())
+        bed.try_kubectl(&["-n", &ns, "get", "serviceaccount", "default"], "")
+            .map(|_| ())
     })
     .await;
     ns
@@ -344,8 +298,7 @@ async fn seed_examples_work_as_written() {
     )
     .await;
     // The role the seed BaoSecret uses by default (its namespace's name), given by a BaoPolicy.
-    apply(
-        bed,
+    bed.apply(
         r#"
 apiVersion: kubebao.io/v1alpha1
 kind: BaoPolicy
@@ -365,8 +318,7 @@ spec:
 "#,
     );
     // The original plan's two examples, verbatim.
-    apply(
-        bed,
+    bed.apply(
         r#"
 apiVersion: kubebao.io/v1alpha1
 kind: BaoPolicy
@@ -378,8 +330,7 @@ spec:
       capabilities: [read, list]
 "#,
     );
-    apply(
-        bed,
+    bed.apply(
         r#"
 apiVersion: kubebao.io/v1alpha1
 kind: BaoSecret
@@ -432,7 +383,9 @@ spec:
     assert_eq!(obj.data["status"]["kvVersion"], 1);
     let hash = obj.data["status"]["dataHash"].as_str().unwrap();
     assert!(hash.starts_with("hmac-sha256:") && !hash.contains("seed-pass"));
-    let printed = kubectl(bed, &["-n", "default", "get", "bs", "my-app-secrets"], None).unwrap();
+    let printed = bed
+        .try_kubectl(&["-n", "default", "get", "bs", "my-app-secrets"], "")
+        .unwrap();
     assert!(
         printed.contains("secret/data/myapp") && printed.contains("True"),
         "{printed}"
@@ -444,10 +397,8 @@ async fn refresh_writes_only_when_the_kv_version_changes() {
     let setup = setup().await;
     let bed = setup.bed;
     let ns = tenant(bed, "refresh", json!({"user": "u", "pass": "v1"})).await;
-    apply(
-        bed,
-        &format!(
-            r#"
+    bed.apply(&format!(
+        r#"
 apiVersion: apps/v1
 kind: Deployment
 metadata: {{name: web, namespace: {ns}}}
@@ -472,8 +423,7 @@ spec:
     annotations: {{note: hi}}
   rolloutRestartTargets: [{{kind: Deployment, name: web}}]
 "#
-        ),
-    );
+    ));
     let bs = baosecrets(bed, &ns).await;
     wait_condition(&bs, "app", "Ready", "True", "Synced").await;
     let secrets: Api<Secret> = Api::namespaced(bed.client().await, &ns);
@@ -559,8 +509,7 @@ async fn deleted_or_edited_secret_is_restored() {
     let setup = setup().await;
     let bed = setup.bed;
     let ns = tenant(bed, "restore", json!({"pass": "good"})).await;
-    apply(
-        bed,
+    bed.apply(
         &format!(
             "apiVersion: kubebao.io/v1alpha1\nkind: BaoSecret\nmetadata: {{name: app, namespace: {ns}}}\nspec: {{secretPath: secret/data/{ns}/app, target: {{name: app}}}}\n"
         ),
@@ -602,8 +551,7 @@ async fn owner_secret_is_collected_and_orphan_secret_is_kept() {
     let bed = setup.bed;
     let ns = tenant(bed, "policy", json!({"pass": "x"})).await;
     for (name, policy) in [("owned", "Owner"), ("orphan", "Orphan")] {
-        apply(
-            bed,
+        bed.apply(
             &format!(
                 "apiVersion: kubebao.io/v1alpha1\nkind: BaoSecret\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{secretPath: secret/data/{ns}/app, target: {{name: {name}, creationPolicy: {policy}}}}}\n"
             ),
@@ -643,8 +591,7 @@ async fn tenants_read_only_what_their_role_allows_and_only_into_their_namespace(
             Some(json!({"data": {"pass": "theirs"}})),
         )
         .await;
-    apply(
-        bed,
+    bed.apply(
         &format!(
             "apiVersion: kubebao.io/v1alpha1\nkind: BaoSecret\nmetadata: {{name: steal, namespace: {ns}}}\nspec: {{secretPath: secret/data/other-team/db, target: {{name: steal}}}}\n---\napiVersion: kubebao.io/v1alpha1\nkind: BaoSecret\nmetadata: {{name: elsewhere, namespace: {ns}}}\nspec: {{secretPath: secret/data/{ns}/app, target: {{name: x, namespace: default}}}}\n"
         ),
@@ -700,30 +647,29 @@ async fn api_server_rejects_invalid_objects_with_readable_messages() {
     let setup = setup().await;
     let bed = setup.bed;
     let both = "apiVersion: kubebao.io/v1alpha1\nkind: BaoPolicy\nmetadata: {name: both}\nspec:\n  hcl: 'path \"a\" { capabilities = [\"read\"] }'\n  rules: [{path: a, capabilities: [read]}]\n";
-    let err = kubectl(bed, &["apply", "-f", "-"], Some(both)).unwrap_err();
+    let err = bed.try_kubectl(&["apply", "-f", "-"], both).unwrap_err();
     assert!(err.contains("set exactly one of rules or hcl"), "{err}");
     let injection = "apiVersion: kubebao.io/v1alpha1\nkind: BaoPolicy\nmetadata: {name: evil}\nspec:\n  rules: [{path: \"secret/x\\\" {\\n capabilities = [\\\"sudo\\\"] }\\npath \\\"*\", capabilities: [read]}]\n";
-    let err = kubectl(bed, &["apply", "-f", "-"], Some(injection)).unwrap_err();
+    let err = bed
+        .try_kubectl(&["apply", "-f", "-"], injection)
+        .unwrap_err();
     assert!(
         err.contains("spec.rules[0].path") && err.contains("should match"),
         "{err}"
     );
     let bad_cap = "apiVersion: kubebao.io/v1alpha1\nkind: BaoPolicy\nmetadata: {name: badcap}\nspec: {rules: [{path: a, capabilities: [root]}]}\n";
-    let err = kubectl(bed, &["apply", "-f", "-"], Some(bad_cap)).unwrap_err();
+    let err = bed.try_kubectl(&["apply", "-f", "-"], bad_cap).unwrap_err();
     assert!(err.contains("Unsupported value: \"root\""), "{err}");
     let no_path = "apiVersion: kubebao.io/v1alpha1\nkind: BaoSecret\nmetadata: {name: nopath, namespace: default}\nspec: {target: {name: x, creationPolicy: Steal}}\n";
-    let err = kubectl(bed, &["apply", "-f", "-"], Some(no_path)).unwrap_err();
+    let err = bed.try_kubectl(&["apply", "-f", "-"], no_path).unwrap_err();
     assert!(
         err.contains("spec.secretPath: Required value")
             && err.contains("Unsupported value: \"Steal\""),
         "{err}"
     );
-    let explain = kubectl(
-        bed,
-        &["explain", "baosecret.spec.target.creationPolicy"],
-        None,
-    )
-    .unwrap();
+    let explain = bed
+        .try_kubectl(&["explain", "baosecret.spec.target.creationPolicy"], "")
+        .unwrap();
     assert!(explain.contains("Who owns the Secret"), "{explain}");
 }
 
@@ -738,8 +684,7 @@ async fn baopolicy_lifecycle_is_reflected_in_openbao() {
             .await
             .unwrap()
     };
-    apply(
-        bed,
+    bed.apply(
         "apiVersion: kubebao.io/v1alpha1\nkind: BaoPolicy\nmetadata: {name: life}\nspec:\n  rules: [{path: \"app/data/*\", capabilities: [read]}]\n  roles: [{name: life-role, boundServiceAccountNames: [app], boundServiceAccountNamespaces: [team-a], tokenTTL: 10m}]\n",
     );
     let policies = baopolicies(bed).await;
@@ -752,8 +697,7 @@ async fn baopolicy_lifecycle_is_reflected_in_openbao() {
     assert_eq!(role["data"]["token_ttl"], 600);
 
     // Update.
-    apply(
-        bed,
+    bed.apply(
         "apiVersion: kubebao.io/v1alpha1\nkind: BaoPolicy\nmetadata: {name: life}\nspec:\n  rules: [{path: \"app/data/*\", capabilities: [read, list]}]\n  roles: [{name: life-role, boundServiceAccountNames: [app], boundServiceAccountNamespaces: [team-a], tokenTTL: 10m}]\n",
     );
     wait_for("the update in OpenBao", WAIT, || async {
@@ -818,8 +762,7 @@ async fn baopolicy_lifecycle_is_reflected_in_openbao() {
     );
 
     // Retain: the policy stays.
-    apply(
-        bed,
+    bed.apply(
         "apiVersion: kubebao.io/v1alpha1\nkind: BaoPolicy\nmetadata: {name: kept}\nspec: {deletionPolicy: Retain, hcl: 'path \"kept/*\" { capabilities = [\"read\"] }'}\n",
     );
     wait_condition(&policies, "kept", "Ready", "True", "Synced").await;
@@ -849,8 +792,7 @@ async fn baopolicy_never_takes_a_policy_it_does_not_own() {
         Some(json!({"policy": foreign})),
     )
     .await;
-    apply(
-        bed,
+    bed.apply(
         "apiVersion: kubebao.io/v1alpha1\nkind: BaoPolicy\nmetadata: {name: foreign}\nspec: {rules: [{path: \"mine/*\", capabilities: [read]}]}\n",
     );
     let policies = baopolicies(bed).await;
@@ -865,8 +807,7 @@ async fn baopolicy_never_takes_a_policy_it_does_not_own() {
         foreign
     );
     // Explicit adoption.
-    apply(
-        bed,
+    bed.apply(
         "apiVersion: kubebao.io/v1alpha1\nkind: BaoPolicy\nmetadata: {name: foreign}\nspec: {adopt: true, rules: [{path: \"mine/*\", capabilities: [read]}]}\n",
     );
     wait_condition(&policies, "foreign", "Ready", "True", "Synced").await;
@@ -882,13 +823,11 @@ async fn baopolicy_never_takes_a_policy_it_does_not_own() {
     );
 
     // Two BaoPolicies, one OpenBao name: the later one reports Conflict and writes nothing.
-    apply(
-        bed,
+    bed.apply(
         "apiVersion: kubebao.io/v1alpha1\nkind: BaoPolicy\nmetadata: {name: first}\nspec: {name: shared, rules: [{path: \"first/*\", capabilities: [read]}]}\n",
     );
     wait_condition(&policies, "first", "Ready", "True", "Synced").await;
-    apply(
-        bed,
+    bed.apply(
         "apiVersion: kubebao.io/v1alpha1\nkind: BaoPolicy\nmetadata: {name: second}\nspec: {name: shared, rules: [{path: \"second/*\", capabilities: [read]}]}\n",
     );
     let message = wait_condition(&policies, "second", "Stalled", "True", "Conflict").await;
@@ -922,8 +861,7 @@ async fn baopolicy_never_takes_a_policy_it_does_not_own() {
 async fn parameter_injection_is_refused_and_nothing_is_written() {
     let setup = setup().await;
     let bed = setup.bed;
-    apply(
-        bed,
+    bed.apply(
         "apiVersion: kubebao.io/v1alpha1\nkind: BaoPolicy\nmetadata: {name: sneaky}\nspec:\n  rules:\n    - path: ok/path\n      capabilities: [update]\n      allowedParameters: {ttl: [\"1h\\\"]\\n}\\npath \\\"sys/*\\\" {\\n capabilities = [\\\"sudo\\\"]\\n}\\n#\"]}\n",
     );
     let policies = baopolicies(bed).await;
@@ -975,8 +913,7 @@ async fn a_standby_replica_takes_over_when_the_leader_dies() {
     })
     .await;
     let ns = tenant(bed, "failover", json!({"pass": "after"})).await;
-    apply(
-        bed,
+    bed.apply(
         &format!(
             "apiVersion: kubebao.io/v1alpha1\nkind: BaoSecret\nmetadata: {{name: app, namespace: {ns}}}\nspec: {{secretPath: secret/data/{ns}/app, target: {{name: app}}}}\n"
         ),
@@ -1004,8 +941,7 @@ async fn kv_v1_secret_merges_into_an_existing_secret() {
         )
         .await;
     let secrets: Api<Secret> = Api::namespaced(bed.client().await, &ns);
-    apply(
-        bed,
+    bed.apply(
         &format!(
             "apiVersion: v1\nkind: Secret\nmetadata: {{name: existing, namespace: {ns}}}\nstringData: {{keep: mine}}\n---\napiVersion: kubebao.io/v1alpha1\nkind: BaoSecret\nmetadata: {{name: merged, namespace: {ns}}}\nspec: {{secretPath: kv1/{ns}/app, target: {{name: existing, creationPolicy: Merge}}}}\n"
         ),
@@ -1083,8 +1019,7 @@ async fn one_malformed_object_does_not_stop_the_others() {
     assert!(note.contains("expected a sequence"), "{note}");
 
     // Objects created after them are reconciled as usual.
-    apply(
-        bed,
+    bed.apply(
         &format!(
             "apiVersion: kubebao.io/v1alpha1\nkind: BaoSecret\nmetadata: {{name: app, namespace: {ns}}}\nspec: {{secretPath: secret/data/{ns}/app, target: {{name: app}}}}\n"
         ),
@@ -1093,8 +1028,7 @@ async fn one_malformed_object_does_not_stop_the_others() {
     let secrets: Api<Secret> = Api::namespaced(bed.client().await, &ns);
     assert_eq!(secret_data(&secrets, "app", "pass").await.unwrap(), "good");
     let good_policy = format!("{ns}-good");
-    apply(
-        bed,
+    bed.apply(
         &format!(
             "apiVersion: kubebao.io/v1alpha1\nkind: BaoPolicy\nmetadata: {{name: {good_policy}}}\nspec: {{rules: [{{path: \"secret/data/{ns}/*\", capabilities: [read]}}]}}\n"
         ),

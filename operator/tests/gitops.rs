@@ -20,36 +20,13 @@ fn repo() -> PathBuf {
         .to_path_buf()
 }
 
-fn kubectl(bed: &Testbed, args: &[&str], stdin: &str) -> Result<String, String> {
-    let mut child = Command::new(&bed.binaries().kubectl)
-        .arg(format!("--kubeconfig={}", bed.kubeconfig().display()))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run kubectl");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin.as_bytes())
-        .expect("write stdin");
-    let out = child.wait_with_output().expect("kubectl output");
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
-
 /// (kstatus, Argo CD health) of one object as the API server returns it.
 fn health(bed: &Testbed, kind: &str, name: &str, namespace: Option<&str>) -> (String, String) {
     let mut args = vec!["get", kind, name, "-o", "json"];
     if let Some(ns) = namespace {
         args.extend(["-n", ns]);
     }
-    let object = kubectl(bed, &args, "").expect("get object");
+    let object = bed.try_kubectl(&args, "").expect("get object");
     let mut child = Command::new(&bed.binaries().gitops_health)
         .arg(repo().join("deploy/argocd/health.lua"))
         .stdin(Stdio::piped())
@@ -111,29 +88,7 @@ async fn flux_and_argocd_see_synced_objects_healthy_and_failing_ones_degraded() 
         Some(json!({"policy": "path \"x/*\" { capabilities = [\"read\"] }"})),
     )
     .await;
-    kubectl(
-        bed,
-        &[
-            "apply",
-            "--server-side",
-            "-f",
-            repo().join("crds").to_str().expect("path"),
-        ],
-        "",
-    )
-    .expect("apply CRDs");
-    kubectl(
-        bed,
-        &[
-            "wait",
-            "--for=condition=Established",
-            "crd",
-            "--all",
-            "--timeout=60s",
-        ],
-        "",
-    )
-    .expect("CRDs established");
+    bed.install_crds();
 
     let token_file = bed.dir().join("gitops-operator-token");
     std::fs::write(&token_file, bao.root_token().expose()).expect("token file");
@@ -195,7 +150,7 @@ spec:
   target: {{name: denied}}
 "#
     );
-    kubectl(bed, &["apply", "-f", "-"], &manifests).expect("apply objects");
+    bed.apply(&manifests);
 
     wait_health(
         bed,
@@ -235,8 +190,7 @@ spec:
     .await;
 
     // A spec change reads InProgress until the operator has observed it, then Current again.
-    let patched = kubectl(
-        bed,
+    let patched = bed.try_kubectl(
         &[
             "patch",
             "baosecret",
@@ -259,20 +213,20 @@ spec:
         ("Current", "Healthy"),
     )
     .await;
-    let observed = kubectl(
-        bed,
-        &[
-            "get",
-            "baosecret",
-            "good",
-            "-n",
-            &ns,
-            "-o",
-            "jsonpath={.metadata.generation}/{.status.observedGeneration}",
-        ],
-        "",
-    )
-    .expect("generation");
+    let observed = bed
+        .try_kubectl(
+            &[
+                "get",
+                "baosecret",
+                "good",
+                "-n",
+                &ns,
+                "-o",
+                "jsonpath={.metadata.generation}/{.status.observedGeneration}",
+            ],
+            "",
+        )
+        .expect("generation");
     let (generation, seen) = observed.split_once('/').expect("generation/observed");
     assert_eq!(
         generation, seen,

@@ -2,8 +2,7 @@
 //! (the projected token file the chart mounts), a token renewed and replaced by a fresh login
 //! past its max TTL, and reconciling all along.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
 use kubebao_testbed::{Component, Testbed, free_port, wait_for};
@@ -11,33 +10,6 @@ use reqwest::Method;
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("repository root")
-        .to_path_buf()
-}
-
-fn apply(bed: &Testbed, yaml: &str) {
-    use std::io::Write as _;
-    let mut child = Command::new(&bed.binaries().kubectl)
-        .arg(format!("--kubeconfig={}", bed.kubeconfig().display()))
-        .args(["apply", "-f", "-"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("run kubectl");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(yaml.as_bytes())
-        .expect("write manifest");
-    assert!(
-        child.wait().expect("kubectl").success(),
-        "kubectl apply failed:\n{yaml}"
-    );
-}
 
 /// Logins OpenBao has seen for the operator's role (one token accessor per login).
 async fn operator_logins(bed: &Testbed, role: &str) -> Result<usize, String> {
@@ -116,17 +88,7 @@ async fn the_operator_logs_in_as_its_service_account_and_keeps_working_past_its_
             .await,
     )
     .expect("token file");
-    apply(
-        bed,
-        &std::fs::read_to_string(repo().join("crds/kubebao.io.yaml")).expect("CRDs"),
-    );
-    bed.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "crd",
-        "--all",
-        "--timeout=60s",
-    ]);
+    bed.install_crds();
 
     let kubeconfig = bed.kubeconfig().display().to_string();
     let mut operator = Component::start_with_env(
@@ -144,8 +106,7 @@ async fn the_operator_logs_in_as_its_service_account_and_keeps_working_past_its_
         &[("KUBECONFIG", &kubeconfig)],
     );
 
-    apply(
-        bed,
+    bed.apply(
         "apiVersion: kubebao.io/v1alpha1\nkind: BaoPolicy\nmetadata: {name: identity-first}\nspec:\n  rules:\n    - path: \"secret/data/first/*\"\n      capabilities: [read]\n",
     );
     wait_policy(bed, &mut operator, "identity-first").await;
@@ -168,8 +129,7 @@ async fn the_operator_logs_in_as_its_service_account_and_keeps_working_past_its_
         }
     })
     .await;
-    apply(
-        bed,
+    bed.apply(
         "apiVersion: kubebao.io/v1alpha1\nkind: BaoPolicy\nmetadata: {name: identity-second}\nspec:\n  rules:\n    - path: \"secret/data/second/*\"\n      capabilities: [read]\n",
     );
     wait_policy(bed, &mut operator, "identity-second").await;

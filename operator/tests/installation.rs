@@ -12,7 +12,6 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::ResourceExt as _;
 use kube::api::{
     Api, ApiResource, DynamicObject, GroupVersionKind, ObjectMeta, Patch, PatchParams, PostParams,
@@ -104,44 +103,7 @@ async fn one_installation_prepares_openbao_installs_the_plugin_and_encrypts_etcd
     let kms_bin = agent_binary("kubebao-kms", "kubebao-kms");
 
     // The CRDs, as `crds/` ships them.
-    let crds = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../crds/kubebao.io.yaml"
-    ))
-    .unwrap();
-    let mut cmd = std::process::Command::new(&bed.binaries().kubectl);
-    cmd.arg(format!("--kubeconfig={}", bed.kubeconfig().display()))
-        .args(["apply", "--server-side", "-f", "-"])
-        .stdin(std::process::Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), crds.as_bytes()).unwrap();
-    assert!(child.wait().unwrap().success(), "apply CRDs");
-    let crd_api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    wait_for(
-        "the KubeBaoInstallation CRD to be established",
-        WAIT,
-        || {
-            let crd_api = crd_api.clone();
-            async move {
-                let crd = crd_api
-                    .get("kubebaoinstallations.kubebao.io")
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let established = crd
-                    .status
-                    .and_then(|s| s.conditions)
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True");
-                if established {
-                    Ok(())
-                } else {
-                    Err("not established".to_string())
-                }
-            }
-        },
-    )
-    .await;
+    bed.install_crds();
 
     // Nodes: one control plane, one worker (DaemonSet placement is computed on them).
     bed.register_node("cp-1", &[], true).await;

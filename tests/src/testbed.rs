@@ -425,18 +425,56 @@ impl Testbed {
         Ok(())
     }
 
-    /// Runs the real kubectl against this test bed; returns stdout, panics with stderr on failure.
-    pub fn kubectl(&self, args: &[&str]) -> String {
-        let out = std::process::Command::new(&self.bins.kubectl)
+    /// Runs the real kubectl against this test bed with `stdin` as its input; stdout, or stderr
+    /// as the error.
+    pub fn try_kubectl(&self, args: &[&str], stdin: &str) -> Result<String, String> {
+        use std::io::Write as _;
+        let mut child = std::process::Command::new(&self.bins.kubectl)
             .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
             .args(args)
-            .output()
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .expect("run kubectl");
-        assert!(
-            out.status.success(),
-            "kubectl {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(stdin.as_bytes())
+            .expect("write kubectl input");
+        let out = child.wait_with_output().expect("kubectl");
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// Runs the real kubectl against this test bed; returns stdout, panics with stderr on failure.
+    pub fn kubectl(&self, args: &[&str]) -> String {
+        self.try_kubectl(args, "")
+            .unwrap_or_else(|e| panic!("kubectl {args:?} failed: {e}"))
+    }
+
+    /// `kubectl apply` of a manifest given as text; panics with kubectl's error on failure.
+    pub fn apply(&self, yaml: &str) {
+        if let Err(e) = self.try_kubectl(&["apply", "-f", "-"], yaml) {
+            panic!("kubectl apply failed: {e}\n{yaml}");
+        }
+    }
+
+    /// Installs the project's CRDs from `crds/` as a user would (server-side apply) and waits
+    /// until the API server serves them.
+    pub fn install_crds(&self) {
+        let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
+        self.kubectl(&["apply", "--server-side", "-f", crds.to_str().expect("path")]);
+        self.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "crd",
+            "--all",
+            "--timeout=60s",
+        ]);
     }
 }

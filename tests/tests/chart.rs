@@ -124,15 +124,7 @@ fn seed_values_render_the_operator_and_the_csi_driver_object() {
 #[tokio::test]
 async fn rendered_chart_is_accepted_by_the_api_server() {
     let bed = Testbed::shared().await;
-    let crds = repo().join("crds");
-    bed.kubectl(&["apply", "--server-side", "-f", crds.to_str().expect("path")]);
-    bed.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "crd",
-        "--all",
-        "--timeout=60s",
-    ]);
+    bed.install_crds();
     for values in values_files() {
         let ns = bed.namespace("chart").await;
         let file = bed.dir().join(format!("rendered-{ns}.yaml"));

@@ -176,19 +176,7 @@ async fn main() {
     said("secret/myapp {username, password} and secret/myapp/db {password}");
 
     step("Installing the CRDs and starting the operator");
-    bed.kubectl(&[
-        "apply",
-        "--server-side",
-        "-f",
-        repo().join("crds").to_str().expect("path"),
-    ]);
-    bed.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "crd",
-        "--all",
-        "--timeout=60s",
-    ]);
+    bed.install_crds();
     // For brevity the demo operator uses the root token; in a cluster it logs in as its own
     // ServiceAccount (docs/operations.md lists the policy it needs).
     let token_file = bed.dir().join("operator-token");
