@@ -11,7 +11,7 @@ help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 .PHONY: testbed
-testbed: ## Install/build OpenBao, etcd, Kubernetes, helm and the GitOps health checker into the cache
+testbed: ## Install/build OpenBao, etcd, Kubernetes (with kubelet, kube-scheduler), helm, the GitOps health checker and the node (containerd, pause image, Secrets Store CSI driver) into the cache
 	@bash tests/testbed/install.sh
 
 .PHONY: build
@@ -38,6 +38,10 @@ test: testbed fmt-check lint ## Everything: set up the test bed, then unit and e
 demo: testbed ## Run KubeBao end to end on a local test bed until Ctrl-C
 	$(CARGO) build -p kubebao-operator -p kubebao-kms -p kubebao-csi -p kubebao-installer -p kubebao-testbed --bins
 	KUBEBAO_BIN_DIR=$${CARGO_TARGET_DIR:-target}/debug $${CARGO_TARGET_DIR:-target}/debug/kubebao-demo
+
+.PHONY: image
+image: ## Build the image tarball target/image/kubebao-<version>.tar (PROFILE=debug: faster)
+	@PROFILE=$(PROFILE) CARGO=$(CARGO) bash image/build.sh
 
 .PHONY: crds
 crds: ## Regenerate crds/ and the chart's copy from the Rust types

@@ -157,6 +157,13 @@ impl OpenBao {
         })
     }
 
+    /// `auth/token/revoke-self`: revokes the token (and the leases it created) at once.
+    pub async fn revoke_self(&self, token: &SecretString) -> Result<()> {
+        self.request(Method::POST, "auth/token/revoke-self", Some(token), None)
+            .await
+            .map(|_| ())
+    }
+
     /// `sys/leases/renew`: extends a dynamic secret's lease.
     pub async fn renew_lease(
         &self,

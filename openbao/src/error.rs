@@ -83,6 +83,46 @@ impl Error {
     pub fn is_not_found(&self) -> bool {
         matches!(self, Error::NotFound { .. })
     }
+    /// A copy, for errors remembered and handed out again (a failed login during its backoff).
+    /// `Error` is not `Clone` on purpose: copies are made only where an error is remembered.
+    pub(crate) fn duplicate(&self) -> Error {
+        match self {
+            Error::Unreachable { addr, reason } => Error::Unreachable {
+                addr: addr.clone(),
+                reason: reason.clone(),
+            },
+            Error::Sealed { addr } => Error::Sealed { addr: addr.clone() },
+            Error::PermissionDenied { path, message } => Error::PermissionDenied {
+                path: path.clone(),
+                message: message.clone(),
+            },
+            Error::NotFound { path } => Error::NotFound { path: path.clone() },
+            Error::Invalid {
+                path,
+                status,
+                message,
+            } => Error::Invalid {
+                path: path.clone(),
+                status: *status,
+                message: message.clone(),
+            },
+            Error::Server {
+                path,
+                status,
+                message,
+            } => Error::Server {
+                path: path.clone(),
+                status: *status,
+                message: message.clone(),
+            },
+            Error::BadResponse { path, reason } => Error::BadResponse {
+                path: path.clone(),
+                reason: reason.clone(),
+            },
+            Error::Config(m) => Error::Config(m.clone()),
+        }
+    }
+
     /// A short, stable label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {

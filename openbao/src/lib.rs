@@ -9,12 +9,16 @@
 
 mod auth;
 mod client;
+pub mod duration;
 mod error;
+#[cfg(test)]
+mod fake;
 mod kv;
 mod policy;
 mod secret;
 mod session;
-mod transit;
+pub mod tokens;
+pub mod transit;
 
 pub use auth::{Auth, Credentials};
 pub use client::{ClientConfig, Health, OpenBao};
@@ -23,6 +27,7 @@ pub use kv::{KvMetadata, KvSecret};
 pub use policy::{PolicyWrite, PolicyWriteOutcome};
 pub use secret::{Secret, SecretString};
 pub use session::{CredentialSource, Session, SessionOptions, SessionStatus};
+pub use tokens::{Token, TokenCache, TokenError, TokenEvent, TokenObserver, TokenOptions};
 pub use transit::{TransitKey, TransitKeyVersion};
 
 /// Installs ring as the process-wide rustls crypto provider. Call first in every `main`

@@ -1,29 +1,25 @@
-//! A long-lived OpenBao token session: logs in, renews in the background, logs in afresh when
-//! renewal fails, the token expires or is revoked (403), and re-reads credential files.
+//! A long-lived OpenBao token session: one identity whose credentials come from a
+//! [`CredentialSource`] (re-read on every login), kept alive in the background.
 //!
-//! Used by the KMS plugin and the operator; it knows nothing about what the token is used for.
-//!
-//! Why these rules:
-//! - Renewal at 2/3 of the TTL leaves a third of the TTL to retry through a short outage.
-//! - When renewal stops extending the token (max TTL reached) a fresh login replaces it before
-//!   it expires, so callers never see an expired token in normal operation.
-//! - A 403 may mean "expired/revoked" or "policy too small". `refresh_after_denied` asks
-//!   OpenBao (lookup-self) which one it is and logs in again only for a dead token, so a real
-//!   policy gap costs one cheap lookup per denied request, never a login per request.
-//! - Failed logins are remembered for `login_backoff`: during an outage callers get the last
-//!   error at once instead of each hammering the auth endpoint.
-//! - Credential files are read on every login, so a rotated secret_id, JWT or token file is
-//!   picked up by the next login; for token files the background task also checks the file for
-//!   changes and switches to the new token.
+//! Used by the KMS plugin and the operator's own identity; it knows nothing about what the
+//! token is used for. Login, renewal at 2/3 of the TTL, re-login when renewal stops helping,
+//! the 403 check (`lookup-self`, at most once per 30 s) and the login backoff are the rules of
+//! [`crate::tokens`], shared with the per-identity [`crate::TokenCache`]; this adds:
+//! - background upkeep (`spawn_renewal`), so requests rarely wait for a renewal;
+//! - credential files: read on every login, so a rotated secret_id, JWT or token file is
+//!   picked up by the next login; a token file (or any source whose token never expires) is
+//!   also watched, and a changed file is switched to at once;
+//! - a token from the user (token file, `Credentials::Token`) is never revoked.
 
 use std::collections::hash_map::DefaultHasher;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::{Auth, Credentials, Error, OpenBao, Result, SecretString};
+use crate::tokens::Slot;
+use crate::{Credentials, Error, OpenBao, Result, SecretString, TokenError, TokenOptions};
 
 /// Where the session's credentials come from. File variants are re-read on every login.
 #[derive(Clone, Debug)]
@@ -171,10 +167,8 @@ impl CredentialSource {
 /// Tuning knobs; the defaults suit production.
 #[derive(Clone, Debug)]
 pub struct SessionOptions {
-    /// Renew when this fraction of the TTL has passed.
-    pub renew_fraction: f64,
-    /// After a failed login, return the remembered error for this long.
-    pub login_backoff: Duration,
+    /// The token rules' knobs (renewal point, login backoff, 403 recheck).
+    pub tokens: TokenOptions,
     /// How often the background task checks a token file (and no-TTL tokens) for changes.
     pub file_check_interval: Duration,
 }
@@ -182,8 +176,7 @@ pub struct SessionOptions {
 impl Default for SessionOptions {
     fn default() -> Self {
         Self {
-            renew_fraction: 2.0 / 3.0,
-            login_backoff: Duration::from_secs(1),
+            tokens: TokenOptions::default(),
             file_check_interval: Duration::from_secs(30),
         }
     }
@@ -204,41 +197,12 @@ pub struct SessionStatus {
     pub renewals: u64,
 }
 
-struct Current {
-    token: SecretString,
-    /// Last time the TTL was set (login or renewal).
-    refreshed: Instant,
-    ttl: Duration,
-    /// The TTL granted at login; a renewal granting much less means max TTL is near.
-    login_ttl: Duration,
-    renewable: bool,
-    fingerprint: Option<u64>,
-}
-
-impl Current {
-    fn expires_at(&self) -> Option<Instant> {
-        (!self.ttl.is_zero()).then(|| self.refreshed + self.ttl)
-    }
-    fn expired(&self) -> bool {
-        self.expires_at().is_some_and(|t| Instant::now() >= t)
-    }
-}
-
-#[derive(Default)]
-struct State {
-    current: Option<Current>,
-    failure: Option<(Instant, Error)>,
-    logins: u64,
-    renewals: u64,
-}
-
 struct Inner {
-    client: OpenBao,
+    slot: Slot,
     source: CredentialSource,
-    options: SessionOptions,
-    state: Mutex<State>,
-    /// Serialises logins so concurrent callers share one.
-    login_lock: tokio::sync::Mutex<()>,
+    file_check_interval: Duration,
+    /// Fingerprint of the credential files at the last login attempt.
+    loaded: Mutex<Option<u64>>,
 }
 
 /// A shared, self-renewing OpenBao token. Cheap to clone.
@@ -256,44 +220,8 @@ impl std::fmt::Debug for Session {
     }
 }
 
-/// Copies an error (the client's `Error` is not `Clone` on purpose; all fields are plain text).
-fn copy_error(e: &Error) -> Error {
-    match e {
-        Error::Unreachable { addr, reason } => Error::Unreachable {
-            addr: addr.clone(),
-            reason: reason.clone(),
-        },
-        Error::Sealed { addr } => Error::Sealed { addr: addr.clone() },
-        Error::PermissionDenied { path, message } => Error::PermissionDenied {
-            path: path.clone(),
-            message: message.clone(),
-        },
-        Error::NotFound { path } => Error::NotFound { path: path.clone() },
-        Error::Invalid {
-            path,
-            status,
-            message,
-        } => Error::Invalid {
-            path: path.clone(),
-            status: *status,
-            message: message.clone(),
-        },
-        Error::Server {
-            path,
-            status,
-            message,
-        } => Error::Server {
-            path: path.clone(),
-            status: *status,
-            message: message.clone(),
-        },
-        Error::BadResponse { path, reason } => Error::BadResponse {
-            path: path.clone(),
-            reason: reason.clone(),
-        },
-        Error::Config(m) => Error::Config(m.clone()),
-    }
-}
+/// Shortest pause of the background task between two upkeep steps.
+const MIN_WAIT: Duration = Duration::from_millis(50);
 
 impl Session {
     /// A session with default options. Does not log in yet (see `token` and `spawn_renewal`).
@@ -307,20 +235,20 @@ impl Session {
         source: CredentialSource,
         options: SessionOptions,
     ) -> Self {
+        let label = Some(source.describe());
         Self {
             inner: Arc::new(Inner {
-                client,
+                slot: Slot::new(client, options.tokens, None, label),
                 source,
-                options,
-                state: Mutex::new(State::default()),
-                login_lock: tokio::sync::Mutex::new(()),
+                file_check_interval: options.file_check_interval,
+                loaded: Mutex::new(None),
             }),
         }
     }
 
     /// The OpenBao client the session logs in with.
     pub fn client(&self) -> &OpenBao {
-        &self.inner.client
+        self.inner.slot.client()
     }
 
     /// Where the credentials come from.
@@ -328,116 +256,44 @@ impl Session {
         &self.inner.source
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // A panic while holding this lock cannot leave the state inconsistent (plain fields).
-        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn loaded(&self) -> std::sync::MutexGuard<'_, Option<u64>> {
+        self.inner.loaded.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn usable_token(&self) -> Option<SecretString> {
-        let state = self.lock();
-        state
-            .current
-            .as_ref()
-            .filter(|c| !c.expired())
-            .map(|c| c.token.clone())
+    /// Reads the credentials for a login, remembering the files' fingerprint.
+    async fn credentials(&self) -> Result<Credentials> {
+        *self.loaded() = self.inner.source.fingerprint();
+        self.inner.source.load()
     }
 
-    /// The current token, logging in first when there is none or it has expired.
+    /// The current token; renews or logs in first when it is due, missing or expired.
     pub async fn token(&self) -> Result<SecretString> {
-        if let Some(t) = self.usable_token() {
-            return Ok(t);
-        }
-        self.login_if(|_| false).await
-    }
-
-    /// Logs in unless another caller already did; `stale` says whether the current token (if
-    /// any) must be replaced.
-    async fn login_if(&self, stale: impl Fn(&Current) -> bool) -> Result<SecretString> {
-        let _guard = self.inner.login_lock.lock().await;
-        {
-            let state = self.lock();
-            if let Some(c) = state.current.as_ref()
-                && !c.expired()
-                && !stale(c)
-            {
-                return Ok(c.token.clone());
-            }
-            if let Some((at, e)) = &state.failure
-                && at.elapsed() < self.inner.options.login_backoff
-            {
-                return Err(copy_error(e));
-            }
-        }
-        self.login_now().await
-    }
-
-    async fn login_now(&self) -> Result<SecretString> {
-        let fingerprint = self.inner.source.fingerprint();
-        let result = match self.inner.source.load() {
-            Ok(creds) => self.inner.client.login(&creds).await,
-            Err(e) => Err(e),
-        };
-        let mut state = self.lock();
-        match result {
-            Ok(auth) => {
-                let token = auth.client_token.clone();
-                state.current = Some(Self::current_from(&auth, fingerprint));
-                state.failure = None;
-                state.logins += 1;
-                tracing::info!(
-                    source = %self.inner.source.describe(),
-                    ttl_seconds = auth.lease_duration,
-                    renewable = auth.renewable,
-                    "logged in to OpenBao"
-                );
-                Ok(token)
-            }
-            Err(e) => {
-                tracing::warn!(source = %self.inner.source.describe(), error = %e, "OpenBao login failed");
-                state.failure = Some((Instant::now(), copy_error(&e)));
-                Err(e)
-            }
-        }
-    }
-
-    fn current_from(auth: &Auth, fingerprint: Option<u64>) -> Current {
-        let now = Instant::now();
-        Current {
-            token: auth.client_token.clone(),
-            refreshed: now,
-            ttl: auth.ttl(),
-            login_ttl: auth.ttl(),
-            renewable: auth.renewable,
-            fingerprint,
-        }
+        self.inner
+            .slot
+            .token(|| self.credentials())
+            .await
+            .map(|t| t.secret)
+            .map_err(TokenError::into_error)
     }
 
     /// Reports that OpenBao answered 403 to `rejected`; returns a token to retry with. Logs in
     /// again when `rejected` is dead (expired or revoked: lookup-self fails); for a live token
-    /// the 403 is a policy denial and `denied` is returned unchanged.
+    /// the 403 is a policy denial and `denied` is returned unchanged (also for 30 s after a
+    /// lookup, without asking again).
     pub async fn refresh_after_denied(
         &self,
         rejected: &SecretString,
         denied: Error,
     ) -> Result<SecretString> {
+        match self
+            .inner
+            .slot
+            .denied(rejected, || self.credentials())
+            .await
         {
-            let state = self.lock();
-            if let Some(c) = state.current.as_ref()
-                && &c.token != rejected
-                && !c.expired()
-            {
-                return Ok(c.token.clone());
-            }
-        }
-        // Is the token itself dead (expired, revoked) or is this a policy denial? A live token
-        // means the policy is missing a capability: logging in again would not help.
-        match self.inner.client.lookup_self(rejected).await {
-            Ok(_) => Err(denied),
-            Err(e) if e.is_permission_denied() => {
-                let rejected = rejected.clone();
-                self.login_if(move |c| c.token == rejected).await
-            }
-            Err(e) => Err(e),
+            Ok(Some(t)) => Ok(t.secret),
+            Ok(None) => Err(denied),
+            Err(e) => Err(e.into_error()),
         }
     }
 
@@ -450,7 +306,7 @@ impl Session {
         let token = self.token().await?;
         match op(token.clone()).await {
             Err(e) if e.is_permission_denied() => {
-                let original = copy_error(&e);
+                let original = e.duplicate();
                 let fresh = self.refresh_after_denied(&token, e).await?;
                 if fresh == token {
                     // A token credential re-read from an unchanged file: retrying cannot help.
@@ -464,123 +320,53 @@ impl Session {
 
     /// Current state, for metrics and health (no token value).
     pub fn status(&self) -> SessionStatus {
-        let state = self.lock();
+        let st = self.inner.slot.status();
         SessionStatus {
-            has_token: state.current.as_ref().is_some_and(|c| !c.expired()),
-            ttl_remaining: state
-                .current
-                .as_ref()
-                .and_then(Current::expires_at)
-                .map(|t| t.saturating_duration_since(Instant::now())),
-            last_error: state.failure.as_ref().map(|(_, e)| e.to_string()),
-            logins: state.logins,
-            renewals: state.renewals,
+            has_token: st.has_token,
+            ttl_remaining: st.ttl_remaining,
+            last_error: st.last_error,
+            logins: st.logins,
+            renewals: st.renewals,
         }
     }
 
-    /// One step of upkeep: renew or log in as due. Returns how long to wait before the next.
+    /// True when the files behind the current token changed since it was loaded.
+    fn credentials_changed(&self) -> bool {
+        let known = *self.loaded();
+        known.is_some() && self.inner.source.fingerprint() != known
+    }
+
+    /// After a failed upkeep step: retry soon, but never later than a third of what is left.
+    fn retry_delay(&self) -> Duration {
+        let left = self
+            .status()
+            .ttl_remaining
+            .unwrap_or(Duration::from_secs(5));
+        (left / 3).clamp(Duration::from_millis(200), Duration::from_secs(5))
+    }
+
+    /// One step of upkeep: switch to changed credentials, renew or log in as due. Returns how
+    /// long to wait before the next step.
     pub async fn maintain(&self) -> Duration {
-        let opts = &self.inner.options;
-        enum Due {
-            Login,
-            Renew(SecretString, Duration),
-            Check(Option<u64>),
-            Wait(Duration),
-        }
-        let due = {
-            let state = self.lock();
-            match state.current.as_ref() {
-                None => Due::Login,
-                Some(c) if c.expired() => Due::Login,
-                Some(c) if c.ttl.is_zero() => {
-                    let since = c.refreshed.elapsed();
-                    if since >= opts.file_check_interval {
-                        Due::Check(c.fingerprint)
-                    } else {
-                        Due::Wait(opts.file_check_interval - since)
-                    }
-                }
-                Some(c) => {
-                    let renew_at = c.ttl.mul_f64(opts.renew_fraction);
-                    let since = c.refreshed.elapsed();
-                    if since < renew_at {
-                        let wait = renew_at - since;
-                        if matches!(self.inner.source, CredentialSource::TokenFile(_))
-                            && wait > opts.file_check_interval
-                        {
-                            Due::Wait(opts.file_check_interval)
-                        } else {
-                            Due::Wait(wait)
-                        }
-                    } else if c.renewable {
-                        Due::Renew(c.token.clone(), c.login_ttl)
-                    } else {
-                        Due::Login
-                    }
-                }
-            }
-        };
-        let backoff = |this: &Self| {
-            // Retry soon, but never later than a third of what is left of the token.
-            let left = this
-                .status()
-                .ttl_remaining
-                .unwrap_or(Duration::from_secs(5));
-            (left / 3).clamp(Duration::from_millis(200), Duration::from_secs(5))
-        };
-        match due {
-            Due::Wait(d) => {
-                // A token file that changed means someone rotated the token: switch now.
-                if let CredentialSource::TokenFile(_) = self.inner.source {
-                    let known = self.lock().current.as_ref().and_then(|c| c.fingerprint);
-                    if self.inner.source.fingerprint() != known {
-                        let _ = self.login_if(|_| true).await;
-                        return Duration::ZERO;
-                    }
-                }
-                d.max(Duration::from_millis(50))
-            }
-            Due::Check(known) => {
-                if self.inner.source.fingerprint() != known {
-                    let _ = self.login_if(|_| true).await;
-                } else if let Some(c) = self.lock().current.as_mut() {
-                    c.refreshed = Instant::now();
-                }
-                Duration::ZERO
-            }
-            // Only when still needed: a caller may have logged in meanwhile.
-            Due::Login => match self.login_if(|_| false).await {
+        let slot = &self.inner.slot;
+        let watch_files = matches!(self.inner.source, CredentialSource::TokenFile(_))
+            || slot.holds_unexpiring_token();
+        if watch_files && self.credentials_changed() {
+            // Someone rotated the token file: switch now (its old token is the user's to revoke).
+            return match slot.relogin(|| self.credentials()).await {
                 Ok(_) => Duration::ZERO,
-                Err(_) => backoff(self),
+                Err(_) => self.retry_delay(),
+            };
+        }
+        match slot.upkeep_in() {
+            Some(wait) if wait.is_zero() => match slot.upkeep(|| self.credentials()).await {
+                Ok(_) => Duration::ZERO,
+                Err(_) => self.retry_delay(),
             },
-            Due::Renew(token, increment) => {
-                match self.inner.client.renew_self(&token, increment).await {
-                    Ok(auth) => {
-                        let granted = auth.ttl();
-                        {
-                            let mut state = self.lock();
-                            if let Some(c) = state.current.as_mut().filter(|c| c.token == token) {
-                                c.ttl = granted;
-                                c.refreshed = Instant::now();
-                            }
-                            state.renewals += 1;
-                        }
-                        tracing::debug!(ttl_seconds = granted.as_secs(), "renewed OpenBao token");
-                        // Max TTL near: the next renewal would not help; log in before expiry.
-                        if granted < increment.mul_f64(1.0 - opts.renew_fraction) {
-                            let _ = self.login_if(|c| c.token == token).await;
-                        }
-                        Duration::ZERO
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "OpenBao token renewal failed; logging in afresh");
-                        match self.login_if(|c| c.token == token).await {
-                            Ok(_) => Duration::ZERO,
-                            Err(_) => backoff(self),
-                        }
-                    }
-                }
-            }
+            Some(wait) if watch_files => wait.min(self.inner.file_check_interval).max(MIN_WAIT),
+            Some(wait) => wait.max(MIN_WAIT),
+            // A token without expiry: only its files can change it.
+            None => self.inner.file_check_interval,
         }
     }
 
@@ -599,6 +385,95 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fake::{Fake, start};
+
+    fn approle() -> CredentialSource {
+        CredentialSource::Static(Credentials::AppRole {
+            mount: "approle".into(),
+            role_id: SecretString::new("r"),
+            secret_id: SecretString::new("s"),
+        })
+    }
+
+    #[tokio::test]
+    async fn maintain_waits_until_two_thirds_then_renews_in_the_background() {
+        let (shared, client) = start(Fake {
+            ttl: 3,
+            renewable: true,
+            ..Default::default()
+        })
+        .await;
+        let session = Session::new(client, approle());
+        assert_eq!(session.maintain().await, Duration::ZERO, "logged in");
+        let wait = session.maintain().await;
+        assert!(
+            wait > Duration::from_secs(1) && wait <= Duration::from_secs(2),
+            "{wait:?}"
+        );
+        tokio::time::sleep(wait).await;
+        assert_eq!(session.maintain().await, Duration::ZERO);
+        let f = shared.lock().unwrap();
+        assert_eq!((f.logins, f.renewals), (1, 1));
+        assert_eq!(session.status().renewals, 1);
+    }
+
+    #[tokio::test]
+    async fn with_token_retries_once_after_a_403_on_a_revoked_token() {
+        let (shared, client) = start(Fake {
+            ttl: 60,
+            renewable: true,
+            ..Default::default()
+        })
+        .await;
+        let session = Session::new(client, approle());
+        let first = session.token().await.unwrap();
+        shared.lock().unwrap().live.clear();
+        let live = shared.clone();
+        let used = session
+            .with_token(|t| {
+                let live = live.clone();
+                async move {
+                    if live.lock().unwrap().live.contains(t.expose()) {
+                        Ok(t)
+                    } else {
+                        Err(Error::PermissionDenied {
+                            path: "transit/encrypt/k".into(),
+                            message: "permission denied".into(),
+                        })
+                    }
+                }
+            })
+            .await
+            .unwrap();
+        assert_ne!(used, first);
+        assert_eq!(shared.lock().unwrap().logins, 2);
+    }
+
+    #[tokio::test]
+    async fn a_changed_token_file_is_switched_to_and_never_revoked() {
+        let (shared, client) = start(Fake {
+            ttl: 3600,
+            ..Default::default()
+        })
+        .await;
+        shared
+            .lock()
+            .unwrap()
+            .live
+            .extend(["user-1".into(), "user-2".into()]);
+        let dir = std::env::temp_dir().join(format!("kubebao-switch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "user-1").unwrap();
+        let session = Session::new(client, CredentialSource::TokenFile(file.clone()));
+        assert_eq!(session.token().await.unwrap().expose(), "user-1");
+        std::fs::write(&file, "user-2\n").unwrap();
+        assert_eq!(session.maintain().await, Duration::ZERO);
+        assert_eq!(session.token().await.unwrap().expose(), "user-2");
+        assert!(shared.lock().unwrap().revoked.is_empty());
+        assert!(!format!("{session:?}").contains("user-"), "{session:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn file_sources_read_trimmed_values_and_name_missing_files() {

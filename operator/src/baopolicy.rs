@@ -1,5 +1,7 @@
 //! The BaoPolicy controller: an ACL policy (and Kubernetes-auth roles) in OpenBao, owned by
-//! exactly one BaoPolicy, never silently taking over or overwriting someone else's.
+//! exactly one BaoPolicy, never silently taking over, overwriting or deleting someone else's.
+
+mod roles;
 
 use std::sync::Arc;
 
@@ -8,16 +10,17 @@ use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Resource, ResourceExt};
 use kubebao_openbao::{PolicyWrite, PolicyWriteOutcome, SecretString};
-use serde_json::{Value, json};
+use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::api::baopolicy::{DeletionPolicy, KubernetesAuthRole};
+use crate::api::baopolicy::DeletionPolicy;
 use crate::api::{BaoPolicy, BaoPolicyStatus};
 use crate::baosecret::MANAGER;
-use crate::conditions::{Outcome, conditions};
+use crate::conditions::{self, Outcome};
 use crate::context::Context;
 use crate::hcl;
 use crate::lenient::{self, Lenient};
+use crate::openbao_path::{self, Shape};
 
 /// Finalizer that removes the policy and roles from OpenBao before the object goes.
 pub const FINALIZER: &str = "kubebao.io/openbao-cleanup";
@@ -68,8 +71,18 @@ pub enum Error {
     Cleanup(String),
 }
 
-/// Reconciles one BaoPolicy (apply or cleanup through the finalizer).
+/// Reconciles one BaoPolicy (apply or cleanup through the finalizer); a panic is reported on
+/// this object alone (see `lenient::guarded`).
 pub async fn reconcile(
+    obj: Arc<Lenient<BaoPolicy>>,
+    ctx: Arc<Context>,
+) -> Result<Action, kube::runtime::finalizer::Error<Error>> {
+    let client = ctx.client.clone();
+    let parsed = reconcile_parsed(obj.clone(), ctx);
+    crate::leader::while_leading(lenient::guarded(&client, &obj, parsed)).await
+}
+
+async fn reconcile_parsed(
     obj: Arc<Lenient<BaoPolicy>>,
     ctx: Arc<Context>,
 ) -> Result<Action, kube::runtime::finalizer::Error<Error>> {
@@ -93,7 +106,7 @@ pub async fn reconcile(
 
 struct Done {
     status: BaoPolicyStatus,
-    note: Option<(&'static str, String)>,
+    notes: Vec<Note>,
 }
 
 async fn apply(bp: Arc<BaoPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -103,7 +116,7 @@ async fn apply(bp: Arc<BaoPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
     let (outcome, action, mut status) = match result {
         Ok(done) => {
             ctx.succeeded(&key);
-            if let Some((reason, note)) = done.note {
+            for (reason, note) in done.notes {
                 ctx.event(&*bp, false, reason, note).await;
             }
             (
@@ -124,45 +137,96 @@ async fn apply(bp: Arc<BaoPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
             previous.clone(),
         ),
     };
-    ctx.metrics.reconciled(
-        "BaoPolicy",
-        if matches!(outcome, Outcome::Ready { .. }) {
-            "ok"
-        } else {
-            outcome.reason()
-        },
-    );
-    let ready_before = previous.conditions.iter().find(|c| c.type_ == "Ready");
-    if ready_before.is_none_or(|c| c.reason != outcome.reason() || c.message != outcome.message()) {
-        let warning = !matches!(outcome, Outcome::Ready { .. });
+    ctx.metrics.reconciled("BaoPolicy", outcome.result());
+    if conditions::ready_changed(&previous.conditions, &outcome) {
         tracing::info!(baopolicy = %bp.name_any(), reason = outcome.reason(), message = outcome.message(), "BaoPolicy condition");
-        ctx.event(
-            &*bp,
-            warning,
-            outcome.reason(),
-            outcome.message().to_string(),
-        )
-        .await;
+        let note = outcome.message().to_string();
+        ctx.event(&*bp, !outcome.is_ready(), outcome.reason(), note)
+            .await;
     }
     status.observed_generation = bp.metadata.generation;
-    status.conditions = conditions(&previous.conditions, &outcome, bp.metadata.generation);
+    status.conditions =
+        conditions::conditions(&previous.conditions, &outcome, bp.metadata.generation);
     if Some(&status) != bp.status.as_ref() {
-        let api: Api<BaoPolicy> = Api::all(ctx.client.clone());
-        let patch =
-            json!({"apiVersion": "kubebao.io/v1alpha1", "kind": "BaoPolicy", "status": status});
-        api.patch_status(
-            &bp.name_any(),
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
+        write_status(&ctx, &bp, &status).await?;
     }
     Ok(action)
 }
 
-/// The BaoPolicy that claims `name` first (oldest, then by object name) among live objects.
-/// Objects that do not parse claim nothing.
-async fn first_claimant(ctx: &Context, name: &str) -> Result<Option<BaoPolicy>, Outcome> {
+/// Writes `bp`'s status (server-side apply of the status subresource).
+async fn write_status(
+    ctx: &Context,
+    bp: &BaoPolicy,
+    status: &BaoPolicyStatus,
+) -> Result<(), kube::Error> {
+    let api: Api<BaoPolicy> = Api::all(ctx.client.clone());
+    let patch = json!({"apiVersion": "kubebao.io/v1alpha1", "kind": "BaoPolicy", "status": status});
+    api.patch_status(
+        &bp.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn operator_token(ctx: &Context) -> Result<SecretString, Outcome> {
+    ctx.identity.token().await.map_err(|e| Outcome::Retrying {
+        reason: "OperatorLoginFailed".into(),
+        message: e.to_string(),
+    })
+}
+
+/// An event to publish after a successful apply: reason and note.
+type Note = (&'static str, String);
+
+/// Makes OpenBao hold `bp`'s policy and roles: checks and claims first, then every ownership
+/// check against OpenBao, and only then any write (a refusal writes nothing).
+async fn converge(
+    bp: &BaoPolicy,
+    ctx: &Context,
+    previous: &BaoPolicyStatus,
+) -> Result<Done, Outcome> {
+    let name = policy_name(bp);
+    let uid = bp.uid().unwrap_or_default();
+    let field = if bp.spec.name.is_some() {
+        "spec.name"
+    } else {
+        "metadata.name"
+    };
+    openbao_path::check(field, &name, Shape::Name)
+        .map_err(|e| stalled("InvalidSpec", e.to_string()))?;
+    let declared = roles::declared(bp, &ctx.settings.auth_mount)?;
+    check_claims(ctx, bp, &name, &declared).await?;
+    let mut ats: Vec<String> = declared.iter().map(|r| r.at.clone()).collect();
+    ats.sort();
+    let desired = desired_policy(bp, &hcl::marker(&uid, &ats))?;
+    let token = operator_token(ctx).await?;
+    let current = read_policy(ctx, &token, &name).await?;
+    let owned = roles::owned(&uid, current.as_deref(), previous);
+    let states = roles::read_all(ctx, &token, &declared, &owned).await?;
+    let mut notes =
+        Vec::from_iter(sync_policy(bp, ctx, &token, &name, &desired, current, previous).await?);
+    let adopted = roles::write_all(ctx, &token, &declared, &states, &owned, &name).await?;
+    if !adopted.is_empty() {
+        notes.push(("Adopted", format!("took over existing role(s) {adopted:?}")));
+    }
+    for old in owned.iter().filter(|r| !ats.contains(r)) {
+        roles::remove(ctx, &token, old, &name).await?;
+    }
+    Ok(Done {
+        status: BaoPolicyStatus {
+            policy_name: Some(name),
+            roles: ats,
+            policy_hash: Some(sha(&desired)),
+            ..previous.clone()
+        },
+        notes,
+    })
+}
+
+/// Live BaoPolicies that parse (objects that do not parse claim nothing).
+async fn live_policies(ctx: &Context) -> Result<Vec<BaoPolicy>, Outcome> {
     let api: Api<Lenient<BaoPolicy>> = Api::all(ctx.client.clone());
     let all = api
         .list(&ListParams::default())
@@ -178,29 +242,29 @@ async fn first_claimant(ctx: &Context, name: &str) -> Result<Option<BaoPolicy>, 
             Lenient::Valid(p) => Some(p),
             Lenient::Invalid { .. } => None,
         })
-        .filter(|p| p.meta().deletion_timestamp.is_none() && policy_name(p) == name)
-        .min_by(|a, b| {
-            (a.meta().creation_timestamp.clone(), a.name_any())
-                .cmp(&(b.meta().creation_timestamp.clone(), b.name_any()))
-        }))
+        .filter(|p| p.meta().deletion_timestamp.is_none())
+        .collect())
 }
 
-async fn operator_token(ctx: &Context) -> Result<SecretString, Outcome> {
-    ctx.identity.token().await.map_err(|e| Outcome::Retrying {
-        reason: "OperatorLoginFailed".into(),
-        message: e.to_string(),
+/// The BaoPolicy that claimed first: oldest, then by object name.
+fn oldest<'a>(claimants: impl Iterator<Item = &'a BaoPolicy>) -> Option<&'a BaoPolicy> {
+    claimants.min_by(|a, b| {
+        (a.meta().creation_timestamp.clone(), a.name_any())
+            .cmp(&(b.meta().creation_timestamp.clone(), b.name_any()))
     })
 }
 
-async fn converge(
-    bp: &BaoPolicy,
+/// Refuses a policy name or a role another (older) BaoPolicy already manages.
+async fn check_claims(
     ctx: &Context,
-    previous: &BaoPolicyStatus,
-) -> Result<Done, Outcome> {
-    let name = policy_name(bp);
-    let uid = bp.uid().unwrap_or_default();
-    if let Some(first) = first_claimant(ctx, &name).await?
-        && first.uid().as_deref() != Some(uid.as_str())
+    bp: &BaoPolicy,
+    name: &str,
+    declared: &[roles::Role<'_>],
+) -> Result<(), Outcome> {
+    let all = live_policies(ctx).await?;
+    let uid = bp.uid();
+    if let Some(first) = oldest(all.iter().filter(|p| policy_name(p) == name))
+        && first.uid() != uid
     {
         return Err(stalled(
             "Conflict",
@@ -210,47 +274,63 @@ async fn converge(
             ),
         ));
     }
-    let desired = match (&bp.spec.rules, &bp.spec.hcl) {
-        (Some(rules), None) => {
-            hcl::render(&uid, rules).map_err(|e| stalled("InvalidRule", e.to_string()))?
-        }
-        (None, Some(raw)) => hcl::wrap_raw(&uid, raw),
-        _ => {
+    let mount = &ctx.settings.auth_mount;
+    for role in declared {
+        let claims = |p: &&BaoPolicy| {
+            p.spec
+                .roles
+                .iter()
+                .flatten()
+                .any(|r| roles::at(r, mount) == role.at)
+        };
+        if let Some(first) = oldest(all.iter().filter(claims))
+            && first.uid() != uid
+        {
             return Err(stalled(
-                "InvalidSpec",
-                "set exactly one of spec.rules and spec.hcl",
+                "Conflict",
+                format!(
+                    "BaoPolicy {} already manages role {}; remove it from one of the two",
+                    first.name_any(),
+                    role.at
+                ),
             ));
         }
-    };
-    let token = operator_token(ctx).await?;
-    let current = match ctx
-        .metrics
-        .openbao("policy_read", ctx.bao.policy_read(&token, &name).await)
-    {
-        Ok(current) => current,
-        Err(e) => {
-            let outcome = bao_outcome(&format!("cannot read policy {name}"), &e);
-            if e.is_permission_denied() {
-                // Revoked or expired token, or a policy gap: the session tells them apart.
-                ctx.identity.denied(&token, e).await;
-            }
-            return Err(outcome);
+    }
+    Ok(())
+}
+
+/// The policy text `bp` declares, under its ownership `marker` line.
+fn desired_policy(bp: &BaoPolicy, marker: &str) -> Result<String, Outcome> {
+    match (&bp.spec.rules, &bp.spec.hcl) {
+        (Some(rules), None) => {
+            hcl::render(marker, rules).map_err(|e| stalled("InvalidRule", e.to_string()))
         }
-    };
-    let mut note = None;
+        (None, Some(raw)) => Ok(hcl::wrap_raw(marker, raw)),
+        _ => Err(stalled(
+            "InvalidSpec",
+            "set exactly one of spec.rules and spec.hcl",
+        )),
+    }
+}
+
+/// Compares the policy in OpenBao (`current`) with `desired` and writes it when it differs:
+/// created when missing, overwritten only when it is ours (or adopted). Returns what is worth an
+/// event.
+async fn sync_policy(
+    bp: &BaoPolicy,
+    ctx: &Context,
+    token: &SecretString,
+    name: &str,
+    desired: &str,
+    current: Option<String>,
+    previous: &BaoPolicyStatus,
+) -> Result<Option<Note>, Outcome> {
     match current {
-        Some(text) if text == desired => {}
+        Some(text) if text == desired => Ok(None),
         None => {
-            let outcome = ctx
-                .metrics
-                .openbao(
-                    "policy_write",
-                    ctx.bao
-                        .policy_write(&token, &name, &desired, PolicyWrite::CreateOnly)
-                        .await,
-                )
-                .map_err(|e| bao_outcome(&format!("cannot write policy {name}"), &e))?;
-            if outcome == PolicyWriteOutcome::AlreadyExists {
+            if write_policy(ctx, token, name, desired, PolicyWrite::CreateOnly).await?
+                == PolicyWriteOutcome::AlreadyExists
+            {
                 return Err(Outcome::Retrying {
                     reason: "CreatedConcurrently".into(),
                     message: format!(
@@ -258,173 +338,92 @@ async fn converge(
                     ),
                 });
             }
-            if previous.policy_name.as_deref() == Some(name.as_str()) {
-                note = Some((
+            Ok((previous.policy_name.as_deref() == Some(name)).then(|| {
+                (
                     "DriftRepaired",
                     format!("policy {name} was deleted in OpenBao; recreated"),
-                ));
-            }
+                )
+            }))
         }
         Some(text) => {
-            let marked_ours = hcl::owner_uid(&text) == Some(uid.as_str());
-            let ours = marked_ours || previous.policy_name.as_deref() == Some(name.as_str());
-            if !ours && !bp.spec.adopt {
-                return Err(stalled(
-                    "NotOwned",
-                    format!(
-                        "OpenBao policy {name:?} exists and was not created by this BaoPolicy; set spec.adopt: true to take it over, or choose another spec.name"
-                    ),
-                ));
-            }
-            ctx.metrics
-                .openbao(
-                    "policy_write",
-                    ctx.bao
-                        .policy_write(&token, &name, &desired, PolicyWrite::Overwrite)
-                        .await,
-                )
-                .map_err(|e| bao_outcome(&format!("cannot write policy {name}"), &e))?;
-            note = Some(if !ours {
-                (
-                    "Adopted",
-                    format!("took over existing OpenBao policy {name}"),
-                )
-            } else if previous.policy_hash.as_deref() == Some(sha(&desired).as_str()) {
-                (
-                    "DriftRepaired",
-                    format!("policy {name} was changed in OpenBao; restored"),
-                )
-            } else {
-                ("Updated", format!("policy {name} updated"))
-            });
+            let note = overwrite_note(bp, name, desired, &text, previous)?;
+            write_policy(ctx, token, name, desired, PolicyWrite::Overwrite).await?;
+            Ok(Some(note))
         }
     }
-    let roles = sync_roles(bp, ctx, &token, &name, previous).await?;
-    Ok(Done {
-        status: BaoPolicyStatus {
-            policy_name: Some(name),
-            roles,
-            policy_hash: Some(sha(&desired)),
-            ..previous.clone()
-        },
-        note,
+}
+
+/// Whether an existing, different policy `current` may be overwritten, and what to say: not
+/// ours and not adopted is refused.
+fn overwrite_note(
+    bp: &BaoPolicy,
+    name: &str,
+    desired: &str,
+    current: &str,
+    previous: &BaoPolicyStatus,
+) -> Result<Note, Outcome> {
+    let uid = bp.uid().unwrap_or_default();
+    let marked_ours = hcl::owner_uid(current) == Some(uid.as_str());
+    let ours = marked_ours || previous.policy_name.as_deref() == Some(name);
+    if !ours && !bp.spec.adopt {
+        return Err(stalled(
+            "NotOwned",
+            format!(
+                "OpenBao policy {name:?} exists and was not created by this BaoPolicy; set spec.adopt: true to take it over, or choose another spec.name"
+            ),
+        ));
+    }
+    Ok(if !ours {
+        (
+            "Adopted",
+            format!("took over existing OpenBao policy {name}"),
+        )
+    } else if previous.policy_hash.as_deref() == Some(sha(desired).as_str()) {
+        (
+            "DriftRepaired",
+            format!("policy {name} was changed in OpenBao; restored"),
+        )
+    } else {
+        ("Updated", format!("policy {name} updated"))
     })
 }
 
-fn role_path(ctx: &Context, role: &KubernetesAuthRole) -> String {
-    let mount = role
-        .mount
-        .clone()
-        .unwrap_or_else(|| ctx.settings.auth_mount.clone());
-    format!("{mount}/{}", role.name)
-}
-
-fn role_body(role: &KubernetesAuthRole, policy: &str) -> Value {
-    let mut body = json!({
-        "bound_service_account_names": role.bound_service_account_names,
-        "bound_service_account_namespaces": role.bound_service_account_namespaces,
-        "token_policies": [policy],
-    });
-    if let Some(ttl) = &role.token_ttl {
-        body["token_ttl"] = json!(ttl);
-    }
-    if let Some(ttl) = &role.token_max_ttl {
-        body["token_max_ttl"] = json!(ttl);
-    }
-    if let Some(aud) = &role.audience {
-        body["audience"] = json!(aud);
-    }
-    body
-}
-
-/// True when OpenBao's role already says what `body` says (TTLs are compared as seconds).
-fn role_matches(current: &serde_json::Map<String, Value>, body: &Value) -> bool {
-    let list = |v: Option<&Value>| -> Vec<String> {
-        let mut l: Vec<String> = v
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|x| x.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
-        l.sort();
-        l
-    };
-    let secs = |v: Option<&Value>| -> u64 {
-        match v {
-            Some(Value::Number(n)) => n.as_u64().unwrap_or(0),
-            Some(Value::String(s)) => crate::context::parse_duration(s)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-            _ => 0,
-        }
-    };
-    [
-        "bound_service_account_names",
-        "bound_service_account_namespaces",
-        "token_policies",
-    ]
-    .iter()
-    .all(|k| list(current.get(*k)) == list(body.get(*k)))
-        && ["token_ttl", "token_max_ttl"]
-            .iter()
-            .all(|k| secs(current.get(*k)) == secs(body.get(*k)))
-        && current
-            .get("audience")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            == body.get("audience").and_then(Value::as_str).unwrap_or("")
-}
-
-async fn sync_roles(
-    bp: &BaoPolicy,
+/// The policy text in OpenBao (`None`: no such policy).
+async fn read_policy(
     ctx: &Context,
     token: &SecretString,
-    policy: &str,
-    previous: &BaoPolicyStatus,
-) -> Result<Vec<String>, Outcome> {
-    let mut written = Vec::new();
-    for role in bp.spec.roles.iter().flatten() {
-        let at = role_path(ctx, role);
-        let (mount, name) = at.rsplit_once('/').expect("mount/name");
-        let path = format!("auth/{mount}/role/{name}");
-        let body = role_body(role, policy);
-        let current = match ctx
-            .metrics
-            .openbao("role_read", ctx.bao.read(&path, token).await)
-        {
-            Ok(s) => s.data,
-            Err(e) if e.is_not_found() => None,
-            Err(e) => return Err(bao_outcome(&format!("cannot read role {path}"), &e)),
-        };
-        if !current.as_ref().is_some_and(|c| role_matches(c, &body)) {
-            ctx.metrics
-                .openbao("role_write", ctx.bao.write(&path, token, &body).await)
-                .map_err(|e| bao_outcome(&format!("cannot write role {path}"), &e))?;
-        }
-        written.push(at);
-    }
-    for old in previous.roles.iter().filter(|r| !written.contains(r)) {
-        delete_role(ctx, token, old).await?;
-    }
-    written.sort();
-    Ok(written)
-}
-
-async fn delete_role(ctx: &Context, token: &SecretString, at: &str) -> Result<(), Outcome> {
-    let Some((mount, name)) = at.rsplit_once('/') else {
-        return Ok(());
-    };
-    let path = format!("auth/{mount}/role/{name}");
+    name: &str,
+) -> Result<Option<String>, Outcome> {
     match ctx
         .metrics
-        .openbao("role_delete", ctx.bao.delete(&path, token).await)
+        .openbao("policy_read", ctx.bao.policy_read(token, name).await)
     {
-        Ok(()) => Ok(()),
-        Err(e) if e.is_not_found() => Ok(()),
-        Err(e) => Err(bao_outcome(&format!("cannot delete role {path}"), &e)),
+        Ok(current) => Ok(current),
+        Err(e) => {
+            let outcome = bao_outcome(&format!("cannot read policy {name}"), &e);
+            if e.is_permission_denied() {
+                // Revoked or expired token, or a policy gap: the session tells them apart.
+                ctx.identity.denied(token, e).await;
+            }
+            Err(outcome)
+        }
     }
+}
+
+/// Writes the policy text.
+async fn write_policy(
+    ctx: &Context,
+    token: &SecretString,
+    name: &str,
+    desired: &str,
+    mode: PolicyWrite,
+) -> Result<PolicyWriteOutcome, Outcome> {
+    ctx.metrics
+        .openbao(
+            "policy_write",
+            ctx.bao.policy_write(token, name, desired, mode).await,
+        )
+        .map_err(|e| bao_outcome(&format!("cannot write policy {name}"), &e))
 }
 
 async fn cleanup(bp: Arc<BaoPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -450,6 +449,7 @@ async fn cleanup(bp: Arc<BaoPolicy>, ctx: Arc<Context>) -> Result<Action, Error>
         .openbao("policy_read", ctx.bao.policy_read(&token, &name).await)
         .map_err(|e| fail(bao_outcome(&format!("cannot read policy {name}"), &e)))?;
     let uid = bp.uid().unwrap_or_default();
+    let owned = roles::owned(&uid, current.as_deref(), &status);
     match current {
         Some(text) if hcl::owner_uid(&text).is_some_and(|o| o != uid) => {
             tracing::info!(policy = %name, "policy now carries another owner's marker; not deleting it");
@@ -461,8 +461,10 @@ async fn cleanup(bp: Arc<BaoPolicy>, ctx: Arc<Context>) -> Result<Action, Error>
         }
         None => {}
     }
-    for role in &status.roles {
-        delete_role(&ctx, &token, role).await.map_err(fail)?;
+    for role in &owned {
+        roles::remove(&ctx, &token, role, &name)
+            .await
+            .map_err(fail)?;
     }
     ctx.event(
         &*bp,
@@ -470,7 +472,7 @@ async fn cleanup(bp: Arc<BaoPolicy>, ctx: Arc<Context>) -> Result<Action, Error>
         "Deleted",
         format!(
             "removed policy {name} and {} role(s) from OpenBao",
-            status.roles.len()
+            owned.len()
         ),
     )
     .await;

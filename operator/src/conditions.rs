@@ -31,6 +31,14 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// True for [`Outcome::Ready`].
+    pub fn is_ready(&self) -> bool {
+        matches!(self, Outcome::Ready { .. })
+    }
+    /// The `result` label of the reconcile metrics: `ok` when ready, else the reason.
+    pub fn result(&self) -> &str {
+        if self.is_ready() { "ok" } else { self.reason() }
+    }
     /// The reason label.
     pub fn reason(&self) -> &str {
         match self {
@@ -81,38 +89,70 @@ pub fn condition(
     }
 }
 
-/// The conditions for `outcome`, reusing transition times from `previous` where the status did
-/// not change.
+/// Sets one condition in `conditions` (replacing one of the same type), keeping
+/// `lastTransitionTime` while its status does not flip; the list stays sorted by type.
+pub fn set(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+) {
+    let status = if status { "True" } else { "False" };
+    let updated = condition(conditions, type_, status, reason, message, generation);
+    conditions.retain(|c| c.type_ != type_);
+    conditions.push(updated);
+    conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
+}
+
+/// The three kstatus condition types an [`Outcome`] sets.
+const KSTATUS: [&str; 3] = ["Ready", "Reconciling", "Stalled"];
+
+/// Sets `Ready`, `Reconciling` and `Stalled` in `conditions` for `outcome` (see [`set`]): the
+/// two that do not apply are `False` with reason `Idle`.
+pub fn set_outcome(conditions: &mut Vec<Condition>, outcome: &Outcome, generation: Option<i64>) {
+    let (reason, message) = (outcome.reason(), outcome.message());
+    let applies = [
+        matches!(outcome, Outcome::Ready { .. }),
+        matches!(outcome, Outcome::Retrying { .. }),
+        matches!(outcome, Outcome::Stalled { .. }),
+    ];
+    for (type_, on) in KSTATUS.into_iter().zip(applies) {
+        // Ready always carries the outcome's reason; the others only while they are True.
+        let said = on || type_ == "Ready";
+        let (reason, message) = if said {
+            (reason, message)
+        } else {
+            ("Idle", "")
+        };
+        set(conditions, type_, on, reason, message, generation);
+    }
+}
+
+/// The conditions for `outcome` (only `Ready`, `Reconciling` and `Stalled`), reusing transition
+/// times from `previous` where the status did not change.
 pub fn conditions(
     previous: &[Condition],
     outcome: &Outcome,
     generation: Option<i64>,
 ) -> Vec<Condition> {
-    let flag = |b: bool| if b { "True" } else { "False" };
-    let (ready, reconciling, stalled) = match outcome {
-        Outcome::Ready { .. } => (true, false, false),
-        Outcome::Retrying { .. } => (false, true, false),
-        Outcome::Stalled { .. } => (false, false, true),
-    };
-    let make = |type_: &str, status: bool, reason: &str, message: &str| {
-        condition(previous, type_, flag(status), reason, message, generation)
-    };
-    let (reason, message) = (outcome.reason(), outcome.message());
-    vec![
-        make("Ready", ready, reason, message),
-        make(
-            "Reconciling",
-            reconciling,
-            if reconciling { reason } else { "Idle" },
-            if reconciling { message } else { "" },
-        ),
-        make(
-            "Stalled",
-            stalled,
-            if stalled { reason } else { "Idle" },
-            if stalled { message } else { "" },
-        ),
-    ]
+    let mut out: Vec<Condition> = previous
+        .iter()
+        .filter(|c| KSTATUS.contains(&c.type_.as_str()))
+        .cloned()
+        .collect();
+    set_outcome(&mut out, outcome, generation);
+    out
+}
+
+/// True when `outcome` says something the `Ready` condition in `previous` does not (another
+/// reason or message, or no `Ready` yet): worth an event.
+pub fn ready_changed(previous: &[Condition], outcome: &Outcome) -> bool {
+    previous
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .is_none_or(|c| c.reason != outcome.reason() || c.message != outcome.message())
 }
 
 #[cfg(test)]
@@ -154,5 +194,56 @@ mod tests {
             (c[0].status.as_str(), c[1].status.as_str()),
             ("False", "True")
         );
+    }
+    #[test]
+    fn set_replaces_one_type_keeps_the_others_and_sorts() {
+        let mut c = Vec::new();
+        set(&mut c, "Ready", false, "RollingOut", "1/3", Some(1));
+        set(&mut c, "KMSReady", true, "Installed", "ok", Some(1));
+        c[1].last_transition_time = "2000-01-01T00:00:00Z".into();
+        set(&mut c, "Ready", false, "RollingOut", "2/3", Some(2));
+        let types: Vec<&str> = c.iter().map(|c| c.type_.as_str()).collect();
+        assert_eq!(types, ["KMSReady", "Ready"]);
+        assert_eq!(
+            (c[1].message.as_str(), c[1].observed_generation),
+            ("2/3", Some(2))
+        );
+        assert_eq!(c[1].last_transition_time, "2000-01-01T00:00:00Z");
+        set(&mut c, "Ready", true, "Installed", "3/3", Some(2));
+        assert_eq!(c[1].status, "True");
+        assert_ne!(c[1].last_transition_time, "2000-01-01T00:00:00Z");
+        assert_eq!(c[0].reason, "Installed");
+    }
+
+    #[test]
+    fn outcome_conditions_are_the_three_kstatus_types_in_order() {
+        let mut previous = Vec::new();
+        set(&mut previous, "Old", true, "Gone", "", None);
+        let c = conditions(&previous, &ready(), Some(4));
+        let got: Vec<(&str, &str, &str)> = c
+            .iter()
+            .map(|c| (c.type_.as_str(), c.status.as_str(), c.reason.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("Ready", "True", "Synced"),
+                ("Reconciling", "False", "Idle"),
+                ("Stalled", "False", "Idle")
+            ]
+        );
+        assert!(c.iter().all(|c| c.observed_generation == Some(4)));
+    }
+
+    #[test]
+    fn an_event_is_worth_it_only_when_ready_says_something_new() {
+        assert!(ready_changed(&[], &ready()));
+        let c = conditions(&[], &ready(), None);
+        assert!(!ready_changed(&c, &ready()));
+        let other = Outcome::Ready {
+            reason: "Synced".into(),
+            message: "other".into(),
+        };
+        assert!(ready_changed(&c, &other));
     }
 }

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use kube::runtime::events::{Event, EventType, Recorder};
-use kube::{Resource, ResourceExt};
+use kube::Resource;
+use kube::runtime::events::Recorder;
 use kubebao_openbao::OpenBao;
 
 use crate::baosecret::Check;
@@ -67,7 +67,7 @@ impl Context {
         self.failures.lock().expect("failures lock").remove(key);
     }
 
-    /// Publishes an event about `obj` (failures to publish are logged, not fatal).
+    /// Publishes an event about `obj` (see `events::publish`).
     pub async fn event<K: Resource<DynamicType = ()>>(
         &self,
         obj: &K,
@@ -75,65 +75,6 @@ impl Context {
         reason: &str,
         note: String,
     ) {
-        let ev = Event {
-            type_: if warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: reason.into(),
-            note: Some(note.chars().take(1000).collect()),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
-            tracing::warn!(object = %obj.name_any(), error = %e, "cannot publish event");
-        }
-    }
-}
-
-/// Parses a Go-style duration (`90s`, `5m`, `1h30m`, `500ms`, `1.5h`).
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let mut total = 0f64;
-    let mut rest = s.trim();
-    if rest.is_empty() {
-        return None;
-    }
-    while !rest.is_empty() {
-        let num_end = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        let number: f64 = rest[..num_end].parse().ok()?;
-        rest = &rest[num_end..];
-        let (unit, len) = if rest.starts_with("ms") {
-            (0.001, 2)
-        } else if rest.starts_with('s') {
-            (1.0, 1)
-        } else if rest.starts_with('m') {
-            (60.0, 1)
-        } else if rest.starts_with('h') {
-            (3600.0, 1)
-        } else {
-            return None;
-        };
-        total += number * unit;
-        rest = &rest[len..];
-    }
-    Some(Duration::from_secs_f64(total))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_duration;
-    use std::time::Duration;
-
-    #[test]
-    fn parses_go_durations() {
-        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
-        assert_eq!(parse_duration("2s"), Some(Duration::from_secs(2)));
-        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_duration("1d"), None);
-        assert_eq!(parse_duration(""), None);
+        crate::events::publish(&self.recorder, obj, warning, reason, note).await;
     }
 }

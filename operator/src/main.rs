@@ -6,39 +6,45 @@ mod baopolicy;
 mod baosecret;
 mod conditions;
 mod context;
+mod events;
 mod hcl;
 mod identity;
 mod installation;
 mod leader;
 mod lenient;
 mod metrics;
+mod openbao_path;
 mod server;
 mod tenant;
 
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use futures::StreamExt;
 use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ObjectMeta, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
+use kubebao_openbao::duration::Bounds;
 use kubebao_openbao::{ClientConfig, OpenBao};
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 use crate::api::BaoPolicy;
-use crate::context::{Context, Settings, parse_duration};
+use crate::context::{Context, Settings};
 use crate::identity::{Identity, IdentitySource};
 use crate::leader::{LeaderLease, LeaseConfig};
 use crate::lenient::Lenient;
 use crate::metrics::Metrics;
+use crate::tenant::TenantTokens;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -127,14 +133,16 @@ struct RunArgs {
     policy_resync: Duration,
 }
 
+/// A duration flag: from a second to a day.
 fn duration(s: &str) -> Result<Duration, String> {
-    parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration like 30s, 5m, 1h"))
+    let bounds = Bounds::new(Duration::from_secs(1), Duration::from_secs(86400));
+    kubebao_openbao::duration::parse(s, bounds).map_err(|e| e.to_string())
 }
 
 /// A controller the operator runs while it leads.
 type ControllerFn = fn(Arc<Context>, watch::Receiver<bool>) -> BoxFuture<'static, ()>;
 
-/// Every controller, started in this order. The KubeBaoInstallation controller adds a line.
+/// Every controller, started in this order.
 const CONTROLLERS: &[(&str, ControllerFn)] = &[
     ("BaoSecret", run_baosecrets),
     ("BaoPolicy", run_baopolicies),
@@ -162,6 +170,7 @@ fn run_installations(ctx: Arc<Context>, stop: watch::Receiver<bool>) -> BoxFutur
     Box::pin(installation::controller::run(
         ctx.client.clone(),
         Some(identity),
+        ctx.recorder.clone(),
         stopped(stop),
     ))
 }
@@ -236,10 +245,15 @@ async fn shutdown_signal() {
     }
 }
 
-async fn run(args: RunArgs) -> Result<(), String> {
-    let client = kube::Client::try_default().await.map_err(|e| {
+/// A Kubernetes client from the in-cluster config or KUBECONFIG.
+async fn kube_client() -> Result<kube::Client, String> {
+    kube::Client::try_default().await.map_err(|e| {
         format!("cannot build a Kubernetes client (in-cluster config or KUBECONFIG): {e}")
-    })?;
+    })
+}
+
+/// The OpenBao client (no token) for --openbao-addr, its CA and namespace.
+fn openbao_client(args: &RunArgs) -> Result<OpenBao, String> {
     let ca_pem = match &args.openbao_ca_file {
         Some(p) => Some(
             std::fs::read(p)
@@ -247,33 +261,42 @@ async fn run(args: RunArgs) -> Result<(), String> {
         ),
         None => None,
     };
-    let bao = OpenBao::new(&ClientConfig {
+    OpenBao::new(&ClientConfig {
         address: args.openbao_addr.clone(),
         ca_pem,
         namespace: args.openbao_namespace.clone(),
         timeout: None,
     })
-    .map_err(|e| e.to_string())?;
-    let source = if let Some(path) = &args.openbao_token_file {
-        IdentitySource::TokenFile(path.clone())
+    .map_err(|e| e.to_string())
+}
+
+/// Where the operator's own OpenBao identity comes from: a token file, a token Secret, or a
+/// Kubernetes-auth login, in that order of precedence.
+fn identity_source(args: &RunArgs) -> Result<IdentitySource, String> {
+    if let Some(path) = &args.openbao_token_file {
+        Ok(IdentitySource::TokenFile(path.clone()))
     } else if let Some(s) = &args.openbao_token_secret {
         let (namespace, name) = s
             .split_once('/')
             .ok_or_else(|| format!("--openbao-token-secret {s:?} must be <namespace>/<name>"))?;
-        IdentitySource::TokenSecret {
+        Ok(IdentitySource::TokenSecret {
             namespace: namespace.into(),
             name: name.into(),
-        }
+        })
     } else if let Some(role) = &args.operator_role {
-        IdentitySource::Kubernetes {
+        Ok(IdentitySource::Kubernetes {
             mount: args.auth_mount.clone(),
             role: role.clone(),
             jwt_file: args.operator_jwt_file.clone(),
-        }
+        })
     } else {
-        return Err("no OpenBao identity for the operator: set --operator-role, --openbao-token-file or --openbao-token-secret".into());
-    };
-    let holder = args.pod_name.clone().unwrap_or_else(|| {
+        Err("no OpenBao identity for the operator: set --operator-role, --openbao-token-file or --openbao-token-secret".into())
+    }
+}
+
+/// This replica's name: the pod name, else `<hostname>-<pid>`.
+fn holder_name(args: &RunArgs) -> String {
+    args.pod_name.clone().unwrap_or_else(|| {
         format!(
             "{}-{}",
             std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -281,32 +304,32 @@ async fn run(args: RunArgs) -> Result<(), String> {
                 .trim(),
             std::process::id()
         )
-    });
-    let metrics = Arc::new(Metrics::default());
-    let ready = Arc::new(AtomicBool::new(false));
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let server = tokio::spawn(server::serve(
-        args.metrics_addr,
-        server::Probes {
-            metrics: metrics.clone(),
-            ready: ready.clone(),
-        },
-        stopped(stop_rx.clone()),
-    ));
-    let ctx = Arc::new(Context {
+    })
+}
+
+/// What every controller shares (fetches or creates the status hash key).
+async fn shared_context(
+    args: &RunArgs,
+    client: kube::Client,
+    bao: OpenBao,
+    source: IdentitySource,
+    holder: &str,
+    metrics: Arc<Metrics>,
+) -> Result<Arc<Context>, String> {
+    Ok(Arc::new(Context {
         identity: Identity::new(bao.clone(), client.clone(), source),
         recorder: Recorder::new(
             client.clone(),
             Reporter {
                 controller: "kubebao-operator".into(),
-                instance: Some(holder.clone()),
+                instance: Some(holder.to_string()),
             },
         ),
-        hash_key: hash_key(&client, &args).await?,
-        client: client.clone(),
+        hash_key: hash_key(&client, args).await?,
+        client,
         bao,
-        tenants: Default::default(),
-        metrics: metrics.clone(),
+        tenants: TenantTokens::new(metrics.clone()),
+        metrics,
         settings: Settings {
             auth_mount: args.auth_mount.clone(),
             token_audience: args.token_audience.clone(),
@@ -315,22 +338,127 @@ async fn run(args: RunArgs) -> Result<(), String> {
         },
         failures: Default::default(),
         checks: Default::default(),
-    });
-    ready.store(true, Ordering::SeqCst);
+    }))
+}
 
-    let lease = args.leader_elect.then(|| {
+/// The leader Lease, unless leader election is off.
+fn leader_lease(args: &RunArgs, client: &kube::Client, holder: &str) -> Option<LeaderLease> {
+    args.leader_elect.then(|| {
         LeaderLease::new(
             client.clone(),
             LeaseConfig {
                 namespace: args.namespace.clone(),
                 name: args.lease_name.clone(),
-                holder: holder.clone(),
+                holder: holder.to_string(),
                 duration: args.lease_duration,
             },
         )
+    })
+}
+
+/// How a controller's task ended: its name, and the panic message if it panicked.
+type Stopped = (&'static str, Option<String>);
+
+/// Starts a controller on its own task; a panic is caught and reported as its end.
+fn spawn_controller(tasks: &mut JoinSet<Stopped>, name: &'static str, run: BoxFuture<'static, ()>) {
+    tasks.spawn(async move {
+        let panic = AssertUnwindSafe(run).catch_unwind().await.err();
+        (name, panic.map(|p| lenient::panic_message(p.as_ref())))
     });
-    let signal = shutdown_signal();
-    tokio::pin!(signal);
+}
+
+/// Waits for `signal` (Ok), the Lease lost (Err) or any controller ending (Err: a controller
+/// only ends when told to, so one that stops on its own, or panics, means this process no
+/// longer does its work and must exit to be restarted).
+async fn supervise(
+    tasks: &mut JoinSet<Stopped>,
+    signal: impl Future<Output = ()>,
+    lost: impl Future<Output = ()>,
+) -> Result<(), String> {
+    let ended = async {
+        match tasks.join_next().await {
+            Some(Ok((name, None))) => format!("controller {name} stopped on its own"),
+            Some(Ok((name, Some(panic)))) => format!("controller {name} panicked: {panic}"),
+            Some(Err(e)) => format!("a controller's task failed: {e}"),
+            None => futures::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = signal => { tracing::info!("shutting down"); Ok(()) }
+        _ = lost => Err("lost the leader Lease; exiting so a fresh start can contend again".to_string()),
+        why = ended => Err(format!("{why}; exiting so Kubernetes restarts the operator")),
+    }
+}
+
+/// Runs every controller while this replica leads: until `signal` (Ok), the Lease is lost or a
+/// controller ends (Err). Then stops them (at once when the Lease is lost, else waiting up to
+/// 10 s) and releases the Lease on a clean stop.
+async fn lead(
+    ctx: &Arc<Context>,
+    lease: &Option<LeaderLease>,
+    stop_tx: &watch::Sender<bool>,
+    signal: impl Future<Output = ()>,
+) -> Result<(), String> {
+    if let Some(lease) = lease {
+        // Every reconcile checks this before each step (see `leader::while_leading`).
+        leader::guard_reconciles(lease.leadership());
+    }
+    ctx.metrics.leader.set(1);
+    let mut tasks = JoinSet::new();
+    for (name, start) in CONTROLLERS {
+        tracing::info!(controller = name, "starting controller");
+        spawn_controller(&mut tasks, name, start(ctx.clone(), stop_tx.subscribe()));
+    }
+    let lost = async {
+        match lease {
+            Some(l) => {
+                let why = l.hold().await;
+                tracing::error!(reason = %why, "no longer the leader: stopping the controllers");
+            }
+            None => futures::future::pending().await,
+        }
+    };
+    let result = supervise(&mut tasks, signal, lost).await;
+    ctx.metrics.leader.set(0);
+    let _ = stop_tx.send(true);
+    if !leader::leading() {
+        // Another replica may lead already: nothing is left to finish (reconciles are inert).
+        tasks.abort_all();
+    }
+    let drained = tokio::time::timeout(Duration::from_secs(10), async {
+        while tasks.join_next().await.is_some() {}
+    });
+    if drained.await.is_err() {
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
+    if let (Some(lease), Ok(())) = (lease, &result) {
+        lease.release().await;
+    }
+    result
+}
+
+async fn run(args: RunArgs) -> Result<(), String> {
+    let client = kube_client().await?;
+    let bao = openbao_client(&args)?;
+    let source = identity_source(&args)?;
+    let holder = holder_name(&args);
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // Health and metrics answer from the start; /readyz once the shared context is built.
+    let health = server::Health::default();
+    let probes = server::Probes {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+        health: health.clone(),
+    };
+    let server = tokio::spawn(server::serve(args.metrics_addr, probes, stopped(stop_rx)));
+    let ctx = shared_context(&args, client.clone(), bao, source, &holder, metrics).await?;
+    ready.store(true, Ordering::SeqCst);
+
+    let lease = leader_lease(&args, &client, &holder);
+    let mut signal = Box::pin(shutdown_signal());
     if let Some(lease) = &lease {
         tracing::info!(holder = %holder, "waiting for the leader Lease");
         tokio::select! {
@@ -343,30 +471,10 @@ async fn run(args: RunArgs) -> Result<(), String> {
         }
         tracing::info!(holder = %holder, "leading: starting controllers");
     }
-    metrics.leader.set(1);
-    let mut tasks = Vec::new();
-    for (name, start) in CONTROLLERS {
-        tracing::info!(controller = name, "starting controller");
-        tasks.push(tokio::spawn(start(ctx.clone(), stop_rx.clone())));
+    let result = lead(&ctx, &lease, &stop_tx, signal).await;
+    if let Err(why) = &result {
+        health.fail(why);
     }
-    let lost = async {
-        match &lease {
-            Some(l) => l.hold().await,
-            None => futures::future::pending().await,
-        }
-    };
-    let result = tokio::select! {
-        _ = &mut signal => { tracing::info!("shutting down"); Ok(()) }
-        _ = lost => Err("lost the leader Lease; exiting so a fresh start can contend again".to_string()),
-    };
-    let _ = stop_tx.send(true);
-    for t in tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
-    }
-    if let (Some(lease), Ok(())) = (&lease, &result) {
-        lease.release().await;
-    }
-    metrics.leader.set(0);
     let _ = server.await;
     result
 }
@@ -389,5 +497,43 @@ async fn main() {
     if let Err(e) = run(cli.run).await {
         tracing::error!(error = %e, "operator stopped");
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A controller that panics or stops on its own ends the supervision with an error naming
+    /// it (the process then fails /healthz and exits non-zero); a signal ends it cleanly.
+    #[tokio::test]
+    async fn a_controller_that_ends_stops_the_process() {
+        let pending = || futures::future::pending::<()>();
+        let mut tasks = JoinSet::new();
+        spawn_controller(&mut tasks, "Idle", Box::pin(pending()));
+        spawn_controller(
+            &mut tasks,
+            "BaoSecret",
+            Box::pin(async { panic!("Duration overflow") }),
+        );
+        let why = supervise(&mut tasks, pending(), pending())
+            .await
+            .unwrap_err();
+        assert!(
+            why.starts_with("controller BaoSecret panicked: Duration overflow;"),
+            "{why}"
+        );
+        let mut tasks = JoinSet::new();
+        spawn_controller(&mut tasks, "BaoPolicy", Box::pin(async {}));
+        let why = supervise(&mut tasks, pending(), pending())
+            .await
+            .unwrap_err();
+        assert!(
+            why.contains("controller BaoPolicy stopped on its own"),
+            "{why}"
+        );
+        let mut tasks = JoinSet::new();
+        spawn_controller(&mut tasks, "Idle", Box::pin(pending()));
+        assert_eq!(supervise(&mut tasks, async {}, pending()).await, Ok(()));
     }
 }

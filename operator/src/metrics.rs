@@ -94,22 +94,29 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts one OpenBao request and passes its result through.
-    pub fn openbao<T>(
-        &self,
-        op: &str,
-        r: kubebao_openbao::Result<T>,
-    ) -> kubebao_openbao::Result<T> {
-        let result = match &r {
-            Ok(_) => "ok",
-            Err(e) => e.kind(),
-        };
+    /// Counts one OpenBao request that ended with `result` (`ok` or an error kind).
+    pub fn openbao_request(&self, op: &str, result: &str) {
         self.openbao_requests
             .get_or_create(&OpenBaoLabels {
                 op: op.into(),
                 result: result.into(),
             })
             .inc();
+    }
+
+    /// Counts one OpenBao request and passes its result through.
+    pub fn openbao<T>(
+        &self,
+        op: &str,
+        r: kubebao_openbao::Result<T>,
+    ) -> kubebao_openbao::Result<T> {
+        self.openbao_request(
+            op,
+            match &r {
+                Ok(_) => "ok",
+                Err(e) => e.kind(),
+            },
+        );
         r
     }
 

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
@@ -18,6 +19,28 @@ pub struct Probes {
     pub metrics: Arc<Metrics>,
     /// Set once start-up (clients, hash key) is done.
     pub ready: Arc<AtomicBool>,
+    /// Whether every controller still runs.
+    pub health: Health,
+}
+
+/// Whether the process still does its work: once a controller has stopped, `/healthz` fails
+/// (and the process exits, so Kubernetes restarts it).
+#[derive(Clone, Default)]
+pub struct Health(Arc<Mutex<Option<String>>>);
+
+impl Health {
+    /// Marks the process unhealthy, saying why.
+    pub fn fail(&self, why: &str) {
+        *self.0.lock().expect("health lock") = Some(why.to_string());
+    }
+
+    /// The `/healthz` answer: `ok`, or 503 and why not.
+    pub fn answer(&self) -> (StatusCode, String) {
+        match self.0.lock().expect("health lock").as_ref() {
+            None => (StatusCode::OK, "ok".into()),
+            Some(why) => (StatusCode::SERVICE_UNAVAILABLE, why.clone()),
+        }
+    }
 }
 
 async fn metrics(
@@ -49,7 +72,10 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/healthz",
+            get(|State(p): State<Probes>| async move { p.health.answer() }),
+        )
         .route("/readyz", get(readyz))
         .with_state(probes);
     let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -57,4 +83,23 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn healthz_fails_once_a_controller_stopped() {
+        let health = Health::default();
+        assert_eq!(health.answer(), (StatusCode::OK, "ok".into()));
+        health.clone().fail("controller BaoSecret panicked: bug");
+        assert_eq!(
+            health.answer(),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "controller BaoSecret panicked: bug".into()
+            )
+        );
+    }
 }

@@ -1,19 +1,21 @@
 //! OpenBao tokens for BaoSecrets, obtained as the BaoSecret's own ServiceAccount
-//! (TokenRequest → Kubernetes auth) and cached per identity until near expiry: one login per
-//! identity per token lifetime, never one per reconcile.
+//! (TokenRequest → Kubernetes auth). Caching, renewal, re-login after a revoked token and
+//! revocation of forgotten tokens follow the one set of rules in `kubebao_openbao::tokens`;
+//! this module only says how a tenant proves who it is and names the failures.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::Api;
 use kube::api::PostParams;
+use kubebao_openbao::tokens::{TokenCache, TokenError, TokenEvent, TokenOptions};
 use kubebao_openbao::{Credentials, OpenBao, SecretString};
-use tokio::sync::Mutex;
 
 use crate::metrics::Metrics;
+
+/// Lifetime of the ServiceAccount token used for one login (it is sent to OpenBao once).
+const LOGIN_JWT_SECONDS: i64 = 600;
 
 /// Who a BaoSecret reads OpenBao as.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -38,12 +40,6 @@ impl std::fmt::Display for TenantIdentity {
             self.role, self.namespace, self.service_account, self.mount
         )
     }
-}
-
-struct Cached {
-    token: SecretString,
-    obtained: Instant,
-    ttl: Duration,
 }
 
 /// A failed tenant login.
@@ -71,91 +67,97 @@ pub enum TenantError {
     },
 }
 
-/// Re-login after a 403 at most this often per identity, so a BaoSecret whose role simply
-/// lacks the path costs one OpenBao request per retry, not two.
-const RELOGIN_AFTER_DENIED: Duration = Duration::from_secs(300);
-
-/// The token cache.
-#[derive(Default)]
+/// The tenants' OpenBao tokens, one per identity.
 pub struct TenantTokens {
-    slots: std::sync::Mutex<HashMap<TenantIdentity, Arc<Mutex<Option<Cached>>>>>,
+    cache: TokenCache<TenantIdentity>,
 }
 
 impl TenantTokens {
-    fn slot(&self, id: &TenantIdentity) -> Arc<Mutex<Option<Cached>>> {
-        self.slots
-            .lock()
-            .expect("token cache lock")
-            .entry(id.clone())
-            .or_default()
-            .clone()
+    /// An empty cache; logins, renewals and token checks are counted in `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        let cache = TokenCache::new(TokenOptions::default()).with_observer(move |event| {
+            let (op, result) = match event {
+                TokenEvent::LoggedIn => ("login", "ok"),
+                TokenEvent::LoginFailed(e) => ("login", e.kind()),
+                TokenEvent::Renewed => ("renew_token", "ok"),
+                TokenEvent::RenewalFailed(e) => ("renew_token", e.kind()),
+                TokenEvent::Checked(Ok(_)) => ("lookup_token", "ok"),
+                TokenEvent::Checked(Err(e)) => ("lookup_token", e.kind()),
+                TokenEvent::Revoked(Ok(())) => ("revoke_token", "ok"),
+                TokenEvent::Revoked(Err(e)) => ("revoke_token", e.kind()),
+                _ => return,
+            };
+            metrics.openbao_request(op, result);
+        });
+        Self { cache }
     }
 
-    /// A token for `id`, logging in only when none is cached or it is within 20% of expiry.
+    /// A token for `id`: the held one while fresh, else a renewal or a login.
     pub async fn token(
         &self,
         kube: &kube::Client,
         bao: &OpenBao,
-        metrics: &Metrics,
         id: &TenantIdentity,
     ) -> Result<SecretString, TenantError> {
-        let slot = self.slot(id);
-        let mut held = slot.lock().await;
-        if let Some(c) = held.as_ref()
-            && (c.ttl.is_zero() || c.obtained.elapsed() < c.ttl * 4 / 5)
-        {
-            return Ok(c.token.clone());
-        }
-        let sas: Api<ServiceAccount> = Api::namespaced(kube.clone(), &id.namespace);
-        let request = TokenRequest {
-            spec: TokenRequestSpec {
-                audiences: vec![id.audience.clone()],
-                expiration_seconds: Some(600),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let jwt = sas
-            .create_token_request(&id.service_account, &PostParams::default(), &request)
+        self.cache
+            .token(id, bao, || credentials(kube, id))
             .await
-            .map_err(|source| TenantError::TokenRequest {
-                namespace: id.namespace.clone(),
-                name: id.service_account.clone(),
-                source,
-            })?
-            .status
-            .map(|s| s.token)
-            .unwrap_or_default();
-        let credentials = Credentials::Kubernetes {
-            mount: id.mount.clone(),
-            role: id.role.clone(),
-            jwt: SecretString::new(jwt),
-        };
-        let auth = metrics
-            .openbao("login", bao.login(&credentials).await)
-            .map_err(|source| TenantError::Login {
-                identity: id.to_string(),
-                source,
-            })?;
-        let token = auth.client_token.clone();
-        let ttl = auth.ttl();
-        *held = Some(Cached {
-            token: auth.client_token,
-            obtained: Instant::now(),
-            ttl,
-        });
-        Ok(token)
+            .map(|t| t.secret)
+            .map_err(|e| tenant_error(id, e))
     }
 
-    /// After a 403: drop the cached token if it is old enough that it may have been revoked.
-    pub async fn denied(&self, id: &TenantIdentity) {
-        let slot = self.slot(id);
-        let mut held = slot.lock().await;
-        if held
-            .as_ref()
-            .is_some_and(|c| c.obtained.elapsed() >= RELOGIN_AFTER_DENIED)
-        {
-            *held = None;
-        }
+    /// After OpenBao answered 403 to `rejected`: a token to retry with once when `rejected`
+    /// was dead (revoked, expired), None when the 403 is a policy denial.
+    pub async fn denied(
+        &self,
+        kube: &kube::Client,
+        bao: &OpenBao,
+        id: &TenantIdentity,
+        rejected: &SecretString,
+    ) -> Result<Option<SecretString>, TenantError> {
+        self.cache
+            .denied(id, bao, rejected, || credentials(kube, id))
+            .await
+            .map(|t| t.map(|t| t.secret))
+            .map_err(|e| tenant_error(id, e))
     }
+}
+
+fn tenant_error(id: &TenantIdentity, e: TokenError<kube::Error>) -> TenantError {
+    match e {
+        TokenError::Credentials(source) => TenantError::TokenRequest {
+            namespace: id.namespace.clone(),
+            name: id.service_account.clone(),
+            source,
+        },
+        TokenError::Login(source) => TenantError::Login {
+            identity: id.to_string(),
+            source,
+        },
+    }
+}
+
+/// Kubernetes-auth credentials for `id`: a short-lived token of its ServiceAccount, for the
+/// OpenBao audience only.
+async fn credentials(kube: &kube::Client, id: &TenantIdentity) -> Result<Credentials, kube::Error> {
+    let sas: Api<ServiceAccount> = Api::namespaced(kube.clone(), &id.namespace);
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![id.audience.clone()],
+            expiration_seconds: Some(LOGIN_JWT_SECONDS),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let jwt = sas
+        .create_token_request(&id.service_account, &PostParams::default(), &request)
+        .await?
+        .status
+        .map(|s| s.token)
+        .unwrap_or_default();
+    Ok(Credentials::Kubernetes {
+        mount: id.mount.clone(),
+        role: id.role.clone(),
+        jwt: SecretString::new(jwt),
+    })
 }

@@ -9,14 +9,15 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams,
 };
-use kubebao_testbed::{Component, Testbed, free_port, wait_for};
+use kubebao_testbed::{Audit, AuditedRequest, Component, Testbed, free_port, wait_for};
 use reqwest::Method;
 use serde_json::{Value, json};
-use tokio::sync::{Mutex, OnceCell};
+use tokio::sync::{Mutex, OnceCell, RwLock};
 
 const WAIT: Duration = Duration::from_secs(60);
 const OPERATOR_POLICY: &str = r#"
@@ -32,6 +33,10 @@ struct Operator {
 struct Setup {
     bed: &'static Testbed,
     operators: Mutex<Vec<Operator>>,
+    /// Tests that count one object's OpenBao requests hold this for reading; the failover test
+    /// holds it for writing, so its planned leader change never lands in a counting window (a
+    /// new leader starts with an empty token cache and logs in once per identity).
+    same_leader: RwLock<()>,
 }
 
 static SETUP: OnceCell<Setup> = OnceCell::const_new();
@@ -122,6 +127,7 @@ async fn setup() -> &'static Setup {
             Setup {
                 bed,
                 operators: Mutex::new(operators),
+                same_leader: RwLock::new(()),
             }
         })
         .await
@@ -263,27 +269,43 @@ async fn metric(url: &str, needle: &str) -> f64 {
         .sum()
 }
 
-/// Sum of a metric over every live operator.
-async fn metric_all(setup: &Setup, needle: &str) -> f64 {
-    let urls: Vec<String> = setup
-        .operators
-        .lock()
+/// How often the operators' leader Lease has changed hands. Counting tests allow one-time
+/// costs per change: a new leader starts with an empty token cache (a change the failover test
+/// makes is kept out by `same_leader`; this covers a leader that lost its Lease under load).
+async fn leader_changes(bed: &Testbed) -> i32 {
+    // (Not there yet: the operators report ready before the first one takes the Lease.)
+    Api::<Lease>::namespaced(bed.client().await, "kubebao-system")
+        .get_opt("kubebao-operator")
         .await
+        .expect("read the operators' leader Lease")
+        .and_then(|l| l.spec?.lease_transitions)
+        .unwrap_or(0)
+}
+
+/// Seconds between two audited requests.
+fn seconds_between(first: &AuditedRequest, last: &AuditedRequest) -> f64 {
+    last.time.duration_since(first.time).as_secs_f64()
+}
+
+/// Every request OpenBao audited for the tenant identity of namespace `ns` with role `ns` (the
+/// BaoSecret default): its logins, and whatever its tokens were used for.
+async fn tenant_requests(bed: &Testbed, audit: &Audit, ns: &str) -> Audit {
+    let role = bed.openbao().audit_hash(ns).await;
+    audit.filter(|r| {
+        r.path == "auth/kubernetes/login" && r.data_field("role") == Some(role.as_str())
+            || r.token_metadata
+                .get("service_account_namespace")
+                .map(String::as_str)
+                == Some(ns)
+    })
+}
+
+fn paths(audit: &Audit) -> Vec<String> {
+    audit
+        .requests
         .iter()
-        .map(|o| o.metrics.clone())
-        .collect();
-    let mut total = 0.0;
-    for u in urls {
-        if let Ok(resp) = reqwest::get(&u).await {
-            let text = resp.text().await.unwrap_or_default();
-            total += text
-                .lines()
-                .filter(|l| l.starts_with(needle))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum::<f64>();
-        }
-    }
-    total
+        .map(|r| format!("{} {} {:?}", r.operation, r.path, r.error))
+        .collect()
 }
 
 #[tokio::test]
@@ -395,6 +417,7 @@ spec:
 #[tokio::test]
 async fn refresh_writes_only_when_the_kv_version_changes() {
     let setup = setup().await;
+    let _same_leader = setup.same_leader.read().await;
     let bed = setup.bed;
     let ns = tenant(bed, "refresh", json!({"user": "u", "pass": "v1"})).await;
     bed.apply(&format!(
@@ -447,25 +470,51 @@ spec:
         "first sync restarts nothing"
     );
 
-    // Several refresh cycles pass (KV metadata reads counted by the operators)…
-    let before = metric_all(
-        setup,
-        "kubebao_operator_openbao_requests_total{op=\"kv_metadata\"",
-    )
-    .await;
-    wait_for("three more metadata checks", WAIT, || async {
-        let now = metric_all(
-            setup,
-            "kubebao_operator_openbao_requests_total{op=\"kv_metadata\"",
-        )
-        .await;
-        if now >= before + 3.0 {
-            Ok(())
-        } else {
-            Err(format!("{now} checks"))
+    // Several refresh periods pass, counted where they happen: OpenBao's audit log, for this
+    // BaoSecret's path and identity only. The first sync (login, data read, write) is done
+    // before Ready, so before `mark`.
+    let bao = bed.openbao();
+    let metadata = format!("secret/metadata/{ns}/app");
+    let data = format!("secret/data/{ns}/app");
+    let changes_before = leader_changes(bed).await;
+    let mark = bao.audit().len();
+    let window = wait_for("three refresh checks of this BaoSecret", WAIT, || async {
+        let window = bao.audit().since(mark);
+        match window.count(&metadata, "read") {
+            n if n >= 3 => Ok(window),
+            n => Err(format!("{n} reads of {metadata}")),
         }
     })
     .await;
+    let changes = usize::try_from(leader_changes(bed).await - changes_before).unwrap_or(0);
+    let checks = window.filter(|r| r.path == metadata && r.operation == "read");
+    let (earliest, latest) = (&checks.requests[0], &checks.requests[checks.len() - 1]);
+    // Checks start at least one refresh interval (2 s) apart: N periods hold at most N+1.
+    let periods = (seconds_between(earliest, latest) / 2.0).floor() as usize;
+    assert!(
+        checks.len() <= periods + 1 + changes,
+        "{} metadata checks in {periods} refresh periods ({changes} leader changes)",
+        checks.len()
+    );
+    assert_eq!(
+        window.count(&data, "read"),
+        0,
+        "an unchanged KV version is never read again"
+    );
+    let ours = tenant_requests(bed, &window, &ns).await;
+    let logins = ours.filter(|r| r.path == "auth/kubernetes/login");
+    assert!(
+        logins.len() <= changes,
+        "the token is cached: {} logins for role {ns} ({changes} leader changes)",
+        logins.len()
+    );
+    assert!(
+        ours.requests
+            .iter()
+            .all(|r| r.path == metadata || r.path == "auth/kubernetes/login"),
+        "this BaoSecret's identity asked only for its metadata: {:?}",
+        paths(&ours)
+    );
     // …and the unchanged Secret was never written again, the workload never restarted.
     let same = secrets.get("app").await.unwrap();
     assert_eq!(
@@ -572,6 +621,15 @@ async fn owner_secret_is_collected_and_orphan_secret_is_kept() {
         }
     })
     .await;
+    // Only once the orphan BaoSecret is gone (any cleanup of the operator's done) does its
+    // Secret's survival mean anything.
+    wait_for("the orphan BaoSecret gone", WAIT, || async {
+        match bs.get_opt("orphan").await.map_err(|e| e.to_string())? {
+            None => Ok(()),
+            Some(_) => Err("still there".into()),
+        }
+    })
+    .await;
     assert_eq!(
         secret_data(&secrets, "orphan", "pass").await.unwrap(),
         "x",
@@ -582,15 +640,18 @@ async fn owner_secret_is_collected_and_orphan_secret_is_kept() {
 #[tokio::test]
 async fn tenants_read_only_what_their_role_allows_and_only_into_their_namespace() {
     let setup = setup().await;
+    let _same_leader = setup.same_leader.read().await;
     let bed = setup.bed;
+    let bao = bed.openbao();
     let ns = tenant(bed, "tenant", json!({"pass": "x"})).await;
-    bed.openbao()
-        .root(
-            Method::POST,
-            "secret/data/other-team/db",
-            Some(json!({"data": {"pass": "theirs"}})),
-        )
-        .await;
+    let changes_before = leader_changes(bed).await;
+    let mark = bao.audit().len();
+    bao.root(
+        Method::POST,
+        "secret/data/other-team/db",
+        Some(json!({"data": {"pass": "theirs"}})),
+    )
+    .await;
     bed.apply(
         &format!(
             "apiVersion: kubebao.io/v1alpha1\nkind: BaoSecret\nmetadata: {{name: steal, namespace: {ns}}}\nspec: {{secretPath: secret/data/other-team/db, target: {{name: steal}}}}\n---\napiVersion: kubebao.io/v1alpha1\nkind: BaoSecret\nmetadata: {{name: elsewhere, namespace: {ns}}}\nspec: {{secretPath: secret/data/{ns}/app, target: {{name: x, namespace: default}}}}\n"
@@ -610,26 +671,72 @@ async fn tenants_read_only_what_their_role_allows_and_only_into_their_namespace(
     );
     warning_event(bed, &ns, "steal", "PermissionDenied").await;
     // Backoff: every retry of the broken BaoSecret costs one OpenBao request (the denied read),
-    // never a login plus a read.
-    let denied_reconciles =
-        "kubebao_operator_reconciles_total{kind=\"BaoSecret\",result=\"PermissionDenied\"}";
-    let denied_reads =
-        "kubebao_operator_openbao_requests_total{op=\"kv_read\",result=\"permission_denied\"}";
-    wait_for("a retry after backoff", WAIT, || async {
-        let n = metric_all(setup, denied_reconciles).await;
-        if n >= 2.0 {
-            Ok(())
-        } else {
-            Err(format!("{n} failed reconciles"))
+    // never a login plus a read. Counted in OpenBao's audit log for this BaoSecret's path and
+    // identity: wait until a retry has happened, then look at everything the identity asked.
+    let denied_path = "secret/data/other-team/db";
+    let window = wait_for("a retry after backoff", WAIT, || async {
+        let window = bao.audit().since(mark);
+        match window.count(denied_path, "read") {
+            n if n >= 2 => Ok(window),
+            n => Err(format!("{n} reads of {denied_path}")),
         }
     })
     .await;
-    // Reads first: a read counted here has had its reconcile counted by the second scrape.
-    let reads = metric_all(setup, denied_reads).await;
-    let reconciles = metric_all(setup, denied_reconciles).await;
+    let changes = usize::try_from(leader_changes(bed).await - changes_before).unwrap_or(0);
+    let ours = tenant_requests(bed, &window, &ns).await;
+    let reads = ours.filter(|r| r.path == denied_path);
+    assert_eq!(
+        reads.len(),
+        window.count(denied_path, "read"),
+        "every read of {denied_path} was made as this BaoSecret's identity"
+    );
+    let logins = ours.filter(|r| r.path == "auth/kubernetes/login");
+    // After a 403 the operator may ask OpenBao once per 30 s whether the token itself is still
+    // valid (a revoked token vs. a policy gap): allowed, and bounded.
+    let checks = ours.filter(|r| r.path == "auth/token/lookup-self");
+    assert_eq!(
+        reads.len() + logins.len() + checks.len(),
+        ours.len(),
+        "this identity asked only to read {denied_path}, to log in and to check its token: {:?}",
+        paths(&ours)
+    );
     assert!(
-        reads <= reconciles,
-        "{reads} denied reads for {reconciles} retries"
+        reads.requests.iter().all(|r| r.operation == "read"
+            && r.error
+                .as_deref()
+                .is_some_and(|e| e.contains("permission denied"))),
+        "every read was denied: {:?}",
+        paths(&reads)
+    );
+    // One login, before the first read; a new leader (if the Lease changed hands) logs in
+    // once more. Retries reuse the token.
+    let first_read = reads.requests[0].time;
+    assert!(
+        logins.len() <= 1 + changes
+            && logins
+                .requests
+                .iter()
+                .filter(|l| l.time > first_read)
+                .count()
+                <= changes,
+        "no login after the first ({changes} leader changes): {:?}",
+        paths(&ours)
+    );
+    let span = seconds_between(&ours.requests[0], &ours.requests[ours.len() - 1]);
+    assert!(
+        checks.len() <= 1 + (span / 30.0).floor() as usize + changes,
+        "at most one token check per 30 s: {} in {span:.0} s",
+        checks.len()
+    );
+    // Retries wait: the first backoff step is 5 s (a new leader retries at once).
+    let quick = reads
+        .requests
+        .windows(2)
+        .filter(|w| seconds_between(&w[0], &w[1]) < 4.0)
+        .count();
+    assert!(
+        quick <= changes,
+        "{quick} retries came less than 4 s after the previous one"
     );
     let message = wait_condition(&bs, "elsewhere", "Stalled", "True", "CrossNamespaceTarget").await;
     assert!(message.contains("own namespace"), "{message}");
@@ -880,6 +987,7 @@ async fn parameter_injection_is_refused_and_nothing_is_written() {
 #[tokio::test]
 async fn a_standby_replica_takes_over_when_the_leader_dies() {
     let setup = setup().await;
+    let _leader_change = setup.same_leader.write().await;
     let bed = setup.bed;
     let mut operators = setup.operators.lock().await;
     let leader = wait_for("one leader among two replicas", WAIT, || {
@@ -943,7 +1051,7 @@ async fn kv_v1_secret_merges_into_an_existing_secret() {
     let secrets: Api<Secret> = Api::namespaced(bed.client().await, &ns);
     bed.apply(
         &format!(
-            "apiVersion: v1\nkind: Secret\nmetadata: {{name: existing, namespace: {ns}}}\nstringData: {{keep: mine}}\n---\napiVersion: kubebao.io/v1alpha1\nkind: BaoSecret\nmetadata: {{name: merged, namespace: {ns}}}\nspec: {{secretPath: kv1/{ns}/app, target: {{name: existing, creationPolicy: Merge}}}}\n"
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: existing, namespace: {ns}, annotations: {{kubebao.io/allow-merge-from: merged}}}}\nstringData: {{keep: mine}}\n---\napiVersion: kubebao.io/v1alpha1\nkind: BaoSecret\nmetadata: {{name: merged, namespace: {ns}}}\nspec: {{secretPath: kv1/{ns}/app, target: {{name: existing, creationPolicy: Merge}}}}\n"
         ),
     );
     let bs = baosecrets(bed, &ns).await;

@@ -26,7 +26,11 @@ fn health(bed: &Testbed, kind: &str, name: &str, namespace: Option<&str>) -> (St
     if let Some(ns) = namespace {
         args.extend(["-n", ns]);
     }
-    let object = bed.try_kubectl(&args, "").expect("get object");
+    health_of(bed, &bed.try_kubectl(&args, "").expect("get object"))
+}
+
+/// (kstatus, Argo CD health) of an object given as JSON.
+fn health_of(bed: &Testbed, object: &str) -> (String, String) {
     let mut child = Command::new(&bed.binaries().gitops_health)
         .arg(repo().join("deploy/argocd/health.lua"))
         .stdin(Stdio::piped())
@@ -190,20 +194,34 @@ spec:
     .await;
 
     // A spec change reads InProgress until the operator has observed it, then Current again.
-    let patched = bed.try_kubectl(
-        &[
-            "patch",
-            "baosecret",
-            "good",
-            "-n",
-            &ns,
-            "--type=merge",
-            "-p",
-            r#"{"spec":{"refreshInterval":"30m"}}"#,
-        ],
-        "",
+    // The patch's answer is the object before the operator can have seen the change.
+    let patched = bed
+        .try_kubectl(
+            &[
+                "patch",
+                "baosecret",
+                "good",
+                "-n",
+                &ns,
+                "--type=merge",
+                "-p",
+                r#"{"spec":{"refreshInterval":"30m"}}"#,
+                "-o",
+                "json",
+            ],
+            "",
+        )
+        .expect("patch the BaoSecret");
+    let unobserved: Value = serde_json::from_str(&patched).expect("patched object");
+    assert_ne!(
+        unobserved["metadata"]["generation"], unobserved["status"]["observedGeneration"],
+        "the patch bumped the generation"
     );
-    assert!(patched.is_ok(), "{patched:?}");
+    assert_eq!(
+        health_of(bed, &patched),
+        ("InProgress".to_string(), "Progressing".to_string()),
+        "a change the operator has not observed yet"
+    );
     wait_health(
         bed,
         &mut operator,

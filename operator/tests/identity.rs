@@ -5,37 +5,20 @@
 use std::path::Path;
 use std::time::Duration;
 
-use kubebao_testbed::{Component, Testbed, free_port, wait_for};
+use kubebao_testbed::{Audit, Component, Testbed, free_port, wait_for};
 use reqwest::Method;
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// Logins OpenBao has seen for the operator's role (one token accessor per login).
-async fn operator_logins(bed: &Testbed, role: &str) -> Result<usize, String> {
+/// Successful logins OpenBao audited for `role` at `auth/kubernetes`, oldest first (token
+/// accessors would undercount: an expired token's accessor is gone).
+async fn operator_logins(bed: &Testbed, role: &str) -> Audit {
     let bao = bed.openbao();
-    let list = bao
-        .root(Method::GET, "auth/token/accessors?list=true", None)
-        .await
-        .ok_or("no accessors")?;
-    let mut logins = 0;
-    for accessor in list["data"]["keys"].as_array().ok_or("no keys")? {
-        let info = bao
-            .client()
-            .request(
-                Method::POST,
-                "auth/token/lookup-accessor",
-                Some(bao.root_token()),
-                Some(&json!({"accessor": accessor})),
-            )
-            .await;
-        if let Ok(Some(info)) = info
-            && info["data"]["meta"]["role"] == role
-        {
-            logins += 1;
-        }
-    }
-    Ok(logins)
+    let role = bao.audit_hash(role).await;
+    bao.audit()
+        .logins("kubernetes", "role", &role)
+        .filter(|r| r.error.is_none())
 }
 
 async fn wait_policy(bed: &Testbed, operator: &mut Component, name: &str) {
@@ -110,29 +93,65 @@ async fn the_operator_logs_in_as_its_service_account_and_keeps_working_past_its_
         "apiVersion: kubebao.io/v1alpha1\nkind: BaoPolicy\nmetadata: {name: identity-first}\nspec:\n  rules:\n    - path: \"secret/data/first/*\"\n      capabilities: [read]\n",
     );
     wait_policy(bed, &mut operator, "identity-first").await;
-    assert!(
-        operator_logins(bed, "kubebao-operator")
-            .await
-            .expect("accessors")
-            >= 1,
-        "logged in through Kubernetes auth"
-    );
+    let first = operator_logins(bed, "kubebao-operator").await;
+    assert!(!first.is_empty(), "logged in through Kubernetes auth");
+    let first = first.requests[0].clone();
+    let first_token = first
+        .issued_token
+        .clone()
+        .expect("the login issued a token");
 
-    // Past the 8 s max TTL the token cannot be renewed: a second login must happen.
-    wait_for("a fresh login past the token's max TTL", WAIT, || {
+    // Past the 8 s max TTL the token cannot be renewed: a fresh login must happen. Wait for a
+    // login at least 8 s after the first, so everything after it is past that token's life.
+    wait_for("a login past the first token's max TTL", WAIT, || {
         operator.assert_running();
-        async {
-            match operator_logins(bed, "kubebao-operator").await? {
-                n if n >= 2 => Ok(()),
-                n => Err(format!("{n} logins")),
+        let first = first.clone();
+        async move {
+            let logins = operator_logins(bed, "kubebao-operator").await;
+            let late = logins
+                .requests
+                .iter()
+                .any(|l| l.time.duration_since(first.time).as_secs_f64() >= 8.0);
+            if late {
+                Ok(())
+            } else {
+                Err(format!("{} logins", logins.len()))
             }
         }
     })
     .await;
+    // Renewed before being replaced: OpenBao saw the first token renew itself.
+    let renewals = bao.audit().filter(|r| {
+        r.path == "auth/token/renew-self" && r.client_token.as_deref() == Some(&first_token)
+    });
+    assert!(
+        !renewals.is_empty() && renewals.requests.iter().all(|r| r.error.is_none()),
+        "the first token was renewed: {:?}",
+        renewals.requests
+    );
     bed.apply(
         "apiVersion: kubebao.io/v1alpha1\nkind: BaoPolicy\nmetadata: {name: identity-second}\nspec:\n  rules:\n    - path: \"secret/data/second/*\"\n      capabilities: [read]\n",
     );
     wait_policy(bed, &mut operator, "identity-second").await;
+    // Written with a token from a later login, not the first (long expired by now).
+    let writes = bao.audit().filter(|r| {
+        r.path == "sys/policies/acl/identity-second"
+            && ["create", "update"].contains(&r.operation.as_str())
+            && r.error.is_none()
+    });
+    let logins = operator_logins(bed, "kubebao-operator").await;
+    let later: Vec<&str> = logins.requests[1..]
+        .iter()
+        .filter_map(|l| l.issued_token.as_deref())
+        .collect();
+    assert!(
+        !writes.is_empty()
+            && writes.requests.iter().all(|w| w
+                .client_token
+                .as_deref()
+                .is_some_and(|t| later.contains(&t))),
+        "identity-second was written with a fresh login's token"
+    );
     let log = std::fs::read_to_string(operator.log_path()).expect("operator log");
     assert!(
         !log.contains(&std::fs::read_to_string(&jwt).expect("jwt")),

@@ -227,8 +227,12 @@ async fn one_installation_prepares_openbao_installs_the_plugin_and_encrypts_etcd
         .await
         .expect("AppRole login with the installed credentials");
     assert!(
-        login.policies.contains(&"kubebao-kms".to_string()),
-        "{:?}",
+        login.policies.contains(&"kubebao-kms".to_string())
+            && login
+                .policies
+                .iter()
+                .all(|p| p == "kubebao-kms" || p == "default"),
+        "the plugin's policy (and OpenBao's default) only: {:?}",
         login.policies
     );
     let denied = bao
@@ -630,11 +634,69 @@ async fn one_installation_prepares_openbao_installs_the_plugin_and_encrypts_etcd
         .expect("the Transit key stays");
     assert_eq!(key.latest_version, 2);
     assert!(!key.deletion_allowed);
-    // Secrets stored under the key still read back through the running plugin.
+    // The plugin's own access went with the installation.
+    assert_eq!(
+        bao.client().policy_read(root, "kubebao-kms").await.unwrap(),
+        None,
+        "the plugin's policy was removed"
+    );
+    assert!(
+        bao.client()
+            .read("auth/approle/role/kubebao-kms", root)
+            .await
+            .unwrap_err()
+            .is_not_found(),
+        "the plugin's AppRole role was removed"
+    );
+    plugin.stop();
+
+    // Secrets stored under the key still read back once something may use the key again: a
+    // plugin with a token allowed on it, behind an API server restarted with no DEK cached, so
+    // the read is a Transit decrypt under the kept key (the API server that was running could
+    // serve them from its DEK cache without asking anyone).
+    let ca_file = h.join("openbao-ca.pem");
+    std::fs::write(&ca_file, bao.ca_pem()).unwrap();
+    std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+    let reader_port = free_port();
+    let mut reader = Component::start(
+        "kubebao-kms-reader",
+        bed.dir(),
+        &kms_bin,
+        &[
+            format!("--socket={}", socket.display()),
+            format!("--http-addr=127.0.0.1:{reader_port}"),
+            format!("--openbao-addr={}", bao.tls_addr()),
+            format!("--openbao-ca-file={}", ca_file.display()),
+            "--transit-mount=transit".into(),
+            "--transit-key=kubebao-kms".into(),
+            "--auth-method=token".into(),
+            format!("--token-file={}", token_file.display()),
+        ],
+    );
+    let reader_health = format!("http://127.0.0.1:{reader_port}/readyz");
+    wait_for("a plugin with access to the kept key", WAIT, || {
+        reader.assert_running();
+        let health = reader_health.clone();
+        async move { http_get(&health).await }
+    })
+    .await;
+    let encryption_config = h.join("encryption-config.yaml");
+    std::fs::write(&encryption_config, &files["encryption-config.yaml"]).unwrap();
+    let mark = bao.audit().len();
+    bed.restart_apiserver(Some(&encryption_config)).await;
+    let ns_secrets = Api::<Secret>::namespaced(bed.client().await, &test_ns);
     let read = ns_secrets.get("before").await.unwrap();
     assert_eq!(read.data.unwrap()["value"].0, b"plain-before-value");
+    let decrypts = bao
+        .audit()
+        .since(mark)
+        .filter(|r| r.path == "transit/decrypt/kubebao-kms" && r.error.is_none());
+    assert!(
+        !decrypts.is_empty(),
+        "the restarted API server read them through a Transit decrypt"
+    );
 
-    plugin.stop();
+    reader.stop();
     installer.stop();
     operator.stop();
 }

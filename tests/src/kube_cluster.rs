@@ -43,6 +43,11 @@ impl ApiServerSpec {
                 p.sa_signing_key.display()
             ),
             "--api-audiences=https://kubernetes.default.svc,openbao".into(),
+            // A node's kubelet (node.rs) serves on loopback under the name `localhost`: never
+            // dial the machine's external address it also reports.
+            "--kubelet-preferred-address-types=Hostname".into(),
+            format!("--kubelet-client-certificate={}", p.admin_cert.display()),
+            format!("--kubelet-client-key={}", p.admin_key.display()),
             "--enable-priority-and-fairness=false".into(),
             "--profiling=false".into(),
             "--v=1".into(),

@@ -11,9 +11,12 @@
 //!
 //! The binaries come from `make testbed` (see `paths.rs`); a missing one fails the test with
 //! the command that installs it. Every child dies with the test process (see `process.rs`).
+//! Tests that need pods to really run start a [`Node`] (containerd, kubelet, kube-scheduler,
+//! optionally the Secrets Store CSI driver) on this machine; it restores the host when it stops.
 
 mod etcd;
 mod kube_cluster;
+mod node;
 mod openbao;
 mod paths;
 mod pki;
@@ -21,7 +24,8 @@ mod process;
 mod testbed;
 mod wait;
 
-pub use openbao::OpenBaoServer;
+pub use node::{CSI_DRIVER_NAME, HostState, NODE_NAME, Node, NodeOptions};
+pub use openbao::{Audit, AuditedRequest, OpenBaoServer};
 pub use paths::Binaries;
 pub use pki::Pki;
 pub use process::Component;

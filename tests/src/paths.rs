@@ -31,26 +31,47 @@ fn cache_dir() -> PathBuf {
         })
 }
 
+/// The value of a `KUBEBAO_*` setting: the environment variable, else `testbed.env`.
+pub(crate) fn setting(key: &str) -> Option<String> {
+    if let Ok(value) = std::env::var(key) {
+        return Some(value);
+    }
+    std::fs::read_to_string(env_file())
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .find(|(k, _)| k.trim() == key)
+        .map(|(_, v)| v.trim().to_string())
+}
+
+/// The `testbed.env` that `make testbed` writes.
+pub(crate) fn env_file() -> PathBuf {
+    cache_dir().join("testbed.env")
+}
+
+/// The path a `KUBEBAO_*` setting names, or a panic saying how to install it.
+pub(crate) fn installed(key: &str, what: &str) -> PathBuf {
+    let path = setting(key).map(PathBuf::from).unwrap_or_else(|| {
+        panic!(
+            "test bed is not installed: {key} is not set and {} does not name it.\n\
+             Run `make testbed` (it installs or builds {what} into the cache).",
+            env_file().display()
+        )
+    });
+    assert!(
+        path.exists(),
+        "test bed {what} is missing at {}. Run `make testbed` to build it.",
+        path.display()
+    );
+    path
+}
+
 impl Binaries {
     /// Finds every binary, or panics with what is missing and how to install it.
     pub fn locate() -> Self {
-        let env_file = cache_dir().join("testbed.env");
-        let from_file: Vec<(String, String)> = std::fs::read_to_string(&env_file)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| {
-                l.split_once('=')
-                    .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-            })
-            .collect();
+        let env_file = env_file();
         let get = |key: &str| -> PathBuf {
-            let value = std::env::var(key).ok().or_else(|| {
-                from_file
-                    .iter()
-                    .find(|(k, _)| k == key)
-                    .map(|(_, v)| v.clone())
-            });
-            match value {
+            match setting(key) {
                 Some(v) => PathBuf::from(v),
                 None => panic!(
                     "test bed is not installed: {key} is not set and {} does not name it.\n\

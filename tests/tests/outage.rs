@@ -36,11 +36,17 @@ async fn openbao_can_be_sealed_stopped_and_restarted_without_losing_data() {
     assert_eq!(down.kind(), "unreachable", "{down}");
 
     bao.restart().await;
+    let mark = bao.audit().len();
     let read = client
         .kv2_read(bao.root_token(), "kv", "x", None)
         .await
         .expect("read after restart");
     assert_eq!(read.data["k"], "v");
+    assert_eq!(
+        bao.audit().since(mark).count("kv/data/x", "read"),
+        1,
+        "the restarted server still audits every request"
+    );
 }
 
 #[tokio::test]

@@ -1,24 +1,32 @@
 //! Logging in as the pod: its ServiceAccount token (from the driver, or a TokenRequest bound
-//! to the pod) → OpenBao Kubernetes auth → a token cached per identity until near expiry.
+//! to the pod) → OpenBao Kubernetes auth → a token per identity, kept under the shared token
+//! rules of `kubebao_openbao::tokens` (one login per identity, renewal at 2/3 of the TTL on
+//! next use, a 403 checked with lookup-self, failed logins remembered for a second, at most
+//! `MAX_IDENTITIES` identities).
 //!
 //! The agent's own Kubernetes identity is used only to *ask for* the pod's token
 //! (TokenRequest, bound to the pod so it dies with it); every OpenBao read uses the token
 //! OpenBao issued to the pod's ServiceAccount.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex as StdMutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::api::{Api, PostParams};
-use kubebao_openbao::{Credentials, Error as BaoError, OpenBao, SecretString};
+use kubebao_openbao::{
+    Credentials, Error as BaoError, OpenBao, SecretString, Token, TokenCache, TokenError,
+    TokenOptions,
+};
 use tokio::sync::Mutex;
 
 use crate::error::{MountError, Who};
 use crate::metrics::Metrics;
 use crate::params::PodInfo;
+
+/// Most identities whose tokens are kept; past it, dead entries go first, then the least
+/// recently used (their tokens are revoked).
+pub const MAX_IDENTITIES: usize = 4096;
 
 /// Whose OpenBao token this is: one cache entry per distinct identity.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -37,15 +45,6 @@ pub struct IdentityKey {
     pub service_account: String,
 }
 
-#[derive(Clone)]
-struct CachedToken {
-    token: SecretString,
-    /// After this the token is replaced by a fresh login (well before it expires).
-    refresh_at: Instant,
-}
-
-type Slot = Arc<Mutex<Option<CachedToken>>>;
-
 /// An OpenBao token for a Mount, and whether it came from the cache.
 pub struct PodToken {
     /// The OpenBao token.
@@ -54,9 +53,18 @@ pub struct PodToken {
     pub cached: bool,
 }
 
+impl From<Token> for PodToken {
+    fn from(t: Token) -> Self {
+        Self {
+            token: t.secret,
+            cached: t.cached,
+        }
+    }
+}
+
 /// The per-identity OpenBao token cache, and the way to get pod tokens.
 pub struct Identities {
-    slots: StdMutex<HashMap<IdentityKey, Slot>>,
+    cache: TokenCache<IdentityKey>,
     kube: KubeClient,
     token_request_seconds: i64,
     metrics: Arc<Metrics>,
@@ -65,113 +73,65 @@ pub struct Identities {
 impl Identities {
     /// A new, empty cache.
     pub fn new(kube: KubeClient, token_request_seconds: i64, metrics: Arc<Metrics>) -> Self {
+        let observed = metrics.clone();
+        let options = TokenOptions {
+            max_entries: MAX_IDENTITIES,
+            ..TokenOptions::default()
+        };
         Self {
-            slots: StdMutex::new(HashMap::new()),
+            cache: TokenCache::new(options).with_observer(move |e| observed.token_event(e)),
             kube,
             token_request_seconds,
             metrics,
         }
     }
 
-    fn slot(&self, key: &IdentityKey) -> Slot {
-        let mut slots = self.slots.lock().expect("token cache lock");
-        if slots.len() > 4096 {
-            // Drop identities nobody is logged in as (their slot is not in use and holds nothing fresh).
-            let now = Instant::now();
-            slots.retain(|_, s| match s.try_lock() {
-                Ok(g) => g.as_ref().is_some_and(|t| t.refresh_at > now),
-                Err(_) => true,
-            });
-        }
-        slots.entry(key.clone()).or_default().clone()
-    }
-
-    /// A token for `key`: the cached one while fresh, else a login (one at a time per identity).
-    /// `stale` is a token known to be refused (403): it is dropped and replaced.
+    /// A token for `key`: the cached one while fresh (renewed when due), else a login as the
+    /// pod (one at a time per identity).
     pub async fn token(
         &self,
         key: &IdentityKey,
         client: &OpenBao,
         pod: &PodInfo,
         audience: &str,
-        stale: Option<&SecretString>,
     ) -> Result<PodToken, MountError> {
-        let slot = self.slot(key);
-        let mut guard = slot.lock().await;
-        if let Some(cached) = guard.as_ref() {
-            let refused = stale.is_some_and(|s| s == &cached.token);
-            if !refused && cached.refresh_at > Instant::now() {
-                Metrics::count(&self.metrics.token_cache, "hit");
-                return Ok(PodToken {
-                    token: cached.token.clone(),
-                    cached: true,
-                });
-            }
-        }
-        Metrics::count(&self.metrics.token_cache, "miss");
-        *guard = None;
-        let jwt = self.pod_jwt(pod, audience).await?;
-        let who = Who {
-            role: key.role.clone(),
-            namespace: pod.namespace.clone(),
-            service_account: pod.service_account.clone(),
-        };
-        self.metrics.openbao("login");
-        let auth = client
-            .login(&Credentials::Kubernetes {
-                mount: key.auth_mount.clone(),
-                role: key.role.clone(),
-                jwt,
+        self.cache
+            .token(key, client, || self.credentials(key, pod, audience))
+            .await
+            .map(PodToken::from)
+            .map_err(|e| login_error(e, key, pod))
+    }
+
+    /// After OpenBao refused `rejected` (403): Some(token) to retry with once when the token
+    /// was dead (revoked, expired) and a fresh login replaced it; None for a policy denial.
+    pub async fn denied(
+        &self,
+        key: &IdentityKey,
+        client: &OpenBao,
+        pod: &PodInfo,
+        audience: &str,
+        rejected: &SecretString,
+    ) -> Result<Option<PodToken>, MountError> {
+        self.cache
+            .denied(key, client, rejected, || {
+                self.credentials(key, pod, audience)
             })
             .await
-            .map_err(|e| {
-                let (result, err) = match e {
-                    BaoError::PermissionDenied { message, .. } => (
-                        "refused",
-                        MountError::LoginRefused {
-                            who,
-                            mount: key.auth_mount.clone(),
-                            message,
-                        },
-                    ),
-                    BaoError::NotFound { path } => (
-                        "refused",
-                        MountError::LoginRefused {
-                            who,
-                            mount: key.auth_mount.clone(),
-                            message: format!(
-                                "no auth method at {path}; enable Kubernetes auth there or set openbaoAuthMountPath"
-                            ),
-                        },
-                    ),
-                    e if e.is_unavailable() => ("error", MountError::Unavailable(e)),
-                    e => (
-                        "error",
-                        MountError::OpenBao {
-                            objects: vec![],
-                            source: e,
-                        },
-                    ),
-                };
-                Metrics::count(&self.metrics.logins, result);
-                err
-            })?;
-        Metrics::count(&self.metrics.logins, "ok");
-        let ttl = if auth.lease_duration == 0 {
-            Duration::from_secs(300)
-        } else {
-            auth.ttl()
-        };
-        // Refresh at 80% of the TTL: a Mount never starts with a token about to expire.
-        let refresh_at = Instant::now() + ttl.mul_f64(0.8);
-        let token = auth.client_token.clone();
-        *guard = Some(CachedToken {
-            token: token.clone(),
-            refresh_at,
-        });
-        Ok(PodToken {
-            token,
-            cached: false,
+            .map(|t| t.map(PodToken::from))
+            .map_err(|e| login_error(e, key, pod))
+    }
+
+    /// Kubernetes-auth credentials with a fresh pod JWT (fetched for every login).
+    async fn credentials(
+        &self,
+        key: &IdentityKey,
+        pod: &PodInfo,
+        audience: &str,
+    ) -> Result<Credentials, MountError> {
+        Ok(Credentials::Kubernetes {
+            mount: key.auth_mount.clone(),
+            role: key.role.clone(),
+            jwt: self.pod_jwt(pod, audience).await?,
         })
     }
 
@@ -237,6 +197,31 @@ impl Identities {
                 )))
             }
         }
+    }
+}
+
+/// A failed login, said in terms of the Mount.
+fn login_error(e: TokenError<MountError>, key: &IdentityKey, pod: &PodInfo) -> MountError {
+    let refused = |message: String| MountError::LoginRefused {
+        who: Who {
+            role: key.role.clone(),
+            namespace: pod.namespace.clone(),
+            service_account: pod.service_account.clone(),
+        },
+        mount: key.auth_mount.clone(),
+        message,
+    };
+    match e {
+        TokenError::Credentials(e) => e,
+        TokenError::Login(BaoError::PermissionDenied { message, .. }) => refused(message),
+        TokenError::Login(BaoError::NotFound { path }) => refused(format!(
+            "no auth method at {path}; enable Kubernetes auth there or set openbaoAuthMountPath"
+        )),
+        TokenError::Login(e) if e.is_unavailable() => MountError::Unavailable(e),
+        TokenError::Login(e) => MountError::OpenBao {
+            objects: vec![],
+            source: e,
+        },
     }
 }
 

@@ -1,5 +1,6 @@
 //! Prometheus metrics, served on `/metrics`.
 
+use kubebao_openbao::TokenEvent;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -27,7 +28,8 @@ pub struct Metrics {
     pub mounts: Family<ResultLabel, Counter>,
     /// Mount latency.
     pub mount_seconds: Histogram,
-    /// HTTP requests to OpenBao by kind (login, read, write, renew).
+    /// HTTP requests to OpenBao by kind (login, read, write, renew; renew_token, lookup_token,
+    /// revoke_token for the pods' OpenBao tokens).
     pub openbao_requests: Family<KindLabel, Counter>,
     /// OpenBao token cache lookups by result (hit, miss).
     pub token_cache: Family<ResultLabel, Counter>,
@@ -104,6 +106,28 @@ impl Metrics {
         self.openbao_requests
             .get_or_create(&KindLabel { kind: kind.into() })
             .inc();
+    }
+
+    /// Counts what the token cache did: cache hits and misses, logins by result (`refused`:
+    /// OpenBao said no or the auth mount does not exist), and every OpenBao request it sent.
+    pub fn token_event(&self, event: &TokenEvent<'_>) {
+        match event {
+            TokenEvent::Hit => Self::count(&self.token_cache, "hit"),
+            TokenEvent::Miss => Self::count(&self.token_cache, "miss"),
+            TokenEvent::LoggedIn => {
+                self.openbao("login");
+                Self::count(&self.logins, "ok");
+            }
+            TokenEvent::LoginFailed(e) => {
+                self.openbao("login");
+                let refused = e.is_permission_denied() || e.is_not_found();
+                Self::count(&self.logins, if refused { "refused" } else { "error" });
+            }
+            TokenEvent::Renewed | TokenEvent::RenewalFailed(_) => self.openbao("renew_token"),
+            TokenEvent::Checked(_) => self.openbao("lookup_token"),
+            TokenEvent::Revoked(_) => self.openbao("revoke_token"),
+            _ => {}
+        }
     }
 
     /// Increments `family{result}`.

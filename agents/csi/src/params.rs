@@ -198,35 +198,80 @@ fn bad(name: &str, reason: impl Into<String>) -> MountError {
     }
 }
 
-/// Parses a Mount request's `attributes` and `permission`.
-pub fn parse(attributes: &str, permission: &str) -> Result<MountParams, MountError> {
-    let attrs: BTreeMap<String, Value> = serde_json::from_str(attributes)
-        .map_err(|e| bad("attributes", format!("not a JSON object: {e}")))?;
-    // The driver sends strings; tolerate other scalars written by hand.
-    let attrs: BTreeMap<String, String> = attrs
-        .into_iter()
-        .map(|(k, v)| {
-            let s = match v {
-                Value::String(s) => s,
-                other => other.to_string(),
-            };
-            (k, s)
-        })
-        .collect();
-    let get = |names: &[&str]| -> Option<String> {
+/// The request's attributes as text (the driver sends strings; other scalars written by hand
+/// are tolerated).
+struct Attributes(BTreeMap<String, String>);
+
+impl Attributes {
+    fn parse(attributes: &str) -> Result<Self, MountError> {
+        let attrs: BTreeMap<String, Value> = serde_json::from_str(attributes)
+            .map_err(|e| bad("attributes", format!("not a JSON object: {e}")))?;
+        Ok(Self(
+            attrs
+                .into_iter()
+                .map(|(k, v)| {
+                    let s = match v {
+                        Value::String(s) => s,
+                        other => other.to_string(),
+                    };
+                    (k, s)
+                })
+                .collect(),
+        ))
+    }
+
+    /// The first of `names` that is set and not blank, trimmed.
+    fn get(&self, names: &[&str]) -> Option<String> {
         names
             .iter()
-            .find_map(|n| attrs.get(*n))
+            .find_map(|n| self.0.get(*n))
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
-    };
+    }
+}
 
-    let role = get(&["roleName"]).ok_or_else(|| {
+/// Parses a Mount request's `attributes` and `permission`.
+pub fn parse(attributes: &str, permission: &str) -> Result<MountParams, MountError> {
+    let attrs = Attributes::parse(attributes)?;
+    let role = attrs.get(&["roleName"]).ok_or_else(|| {
         bad(
             "roleName",
             "missing: set it to the OpenBao Kubernetes-auth role the pod logs in as",
         )
     })?;
+    refuse_unsupported(&attrs)?;
+    let address = attrs.get(&["openbaoAddress", "vaultAddress"]);
+    if let Some(a) = &address
+        && !(a.starts_with("http://") || a.starts_with("https://"))
+    {
+        return Err(bad(
+            "openbaoAddress",
+            format!("{a:?} must start with http:// or https://"),
+        ));
+    }
+    let auth_mount = auth_mount(&attrs)?;
+    let pod = pod_info(&attrs)?;
+    let objects_yaml = attrs.get(&["objects"]).ok_or_else(|| {
+        bad(
+            "objects",
+            "missing: list the secrets to mount (objectName, secretPath, secretKey)",
+        )
+    })?;
+    Ok(MountParams {
+        role,
+        address,
+        auth_mount,
+        audience: attrs.get(&["audience"]),
+        ca_cert_path: attrs.get(&["openbaoCACertPath", "vaultCACertPath"]),
+        namespace: attrs.get(&["openbaoNamespace", "vaultNamespace"]),
+        pod,
+        objects: cached_objects(&objects_yaml)?,
+        default_mode: parse_permission(permission)?,
+    })
+}
+
+/// vault-csi-provider settings KubeBao does not support, refused with what to do instead.
+fn refuse_unsupported(attrs: &Attributes) -> Result<(), MountError> {
     for (name, what) in [
         (
             "vaultCADirectory",
@@ -245,11 +290,11 @@ pub fn parse(attributes: &str, permission: &str) -> Result<MountParams, MountErr
             "client certificates are not supported",
         ),
     ] {
-        if get(&[name]).is_some() {
+        if attrs.get(&[name]).is_some() {
             return Err(bad(name, format!("not supported by kubebao: {what}")));
         }
     }
-    if let Some(skip) = get(&["vaultSkipTLSVerify", "openbaoSkipTLSVerify"]) {
+    if let Some(skip) = attrs.get(&["vaultSkipTLSVerify", "openbaoSkipTLSVerify"]) {
         match skip.as_str() {
             "false" | "False" | "FALSE" | "0" => {}
             _ => {
@@ -261,59 +306,37 @@ pub fn parse(attributes: &str, permission: &str) -> Result<MountParams, MountErr
             }
         }
     }
-    let address = get(&["openbaoAddress", "vaultAddress"]);
-    if let Some(a) = &address
-        && !(a.starts_with("http://") || a.starts_with("https://"))
-    {
-        return Err(bad(
-            "openbaoAddress",
-            format!("{a:?} must start with http:// or https://"),
-        ));
-    }
-    let auth_mount = get(&[
-        "openbaoAuthMountPath",
-        "vaultAuthMountPath",
-        "vaultKubernetesMountPath",
-    ])
-    .map(|m| {
-        // vault-csi-provider accepts both "kubernetes" and "auth/kubernetes".
-        let m = m.trim_matches('/');
-        m.strip_prefix("auth/").unwrap_or(m).to_string()
-    });
+    Ok(())
+}
+
+/// The Kubernetes auth mount, without `auth/` and slashes.
+fn auth_mount(attrs: &Attributes) -> Result<Option<String>, MountError> {
+    let auth_mount = attrs
+        .get(&[
+            "openbaoAuthMountPath",
+            "vaultAuthMountPath",
+            "vaultKubernetesMountPath",
+        ])
+        .map(|m| {
+            // vault-csi-provider accepts both "kubernetes" and "auth/kubernetes".
+            let m = m.trim_matches('/');
+            m.strip_prefix("auth/").unwrap_or(m).to_string()
+        });
     if let Some(m) = &auth_mount {
         check_api_path("openbaoAuthMountPath", m)?;
     }
-    let audience = get(&["audience"]);
-    let ca_cert_path = get(&["openbaoCACertPath", "vaultCACertPath"]);
-    let namespace = get(&["openbaoNamespace", "vaultNamespace"]);
+    Ok(auth_mount)
+}
 
-    let pod = PodInfo {
-        name: get(&[POD_NAME]).ok_or_else(|| missing_pod(POD_NAME))?,
-        namespace: get(&[POD_NAMESPACE]).ok_or_else(|| missing_pod(POD_NAMESPACE))?,
-        uid: get(&[POD_UID]).ok_or_else(|| missing_pod(POD_UID))?,
-        service_account: get(&[SA_NAME]).ok_or_else(|| missing_pod(SA_NAME))?,
-        tokens: parse_tokens(attrs.get(SA_TOKENS).map(String::as_str))?,
-    };
-
-    let objects_yaml = get(&["objects"]).ok_or_else(|| {
-        bad(
-            "objects",
-            "missing: list the secrets to mount (objectName, secretPath, secretKey)",
-        )
-    })?;
-    let objects = cached_objects(&objects_yaml)?;
-    let default_mode = parse_permission(permission)?;
-
-    Ok(MountParams {
-        role,
-        address,
-        auth_mount,
-        audience,
-        ca_cert_path,
-        namespace,
-        pod,
-        objects,
-        default_mode,
+/// The pod the driver mounts for, from the attributes it adds.
+fn pod_info(attrs: &Attributes) -> Result<PodInfo, MountError> {
+    let required = |name: &str| attrs.get(&[name]).ok_or_else(|| missing_pod(name));
+    Ok(PodInfo {
+        name: required(POD_NAME)?,
+        namespace: required(POD_NAMESPACE)?,
+        uid: required(POD_UID)?,
+        service_account: required(SA_NAME)?,
+        tokens: parse_tokens(attrs.0.get(SA_TOKENS).map(String::as_str))?,
     })
 }
 
@@ -400,82 +423,88 @@ pub fn parse_objects(yaml: &str) -> Result<Vec<ObjectSpec>, MountError> {
             "the list is empty: name at least one object",
         ));
     }
-    let mut objects = Vec::with_capacity(raw.len());
     let mut names = BTreeSet::new();
-    for (i, r) in raw.into_iter().enumerate() {
-        let at = |field: &str| format!("objects[{i}].{field}");
-        let name = r
-            .object_name
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| bad(&at("objectName"), "missing"))?;
-        check_object_name(&name).map_err(|reason| bad(&at("objectName"), reason))?;
-        if !names.insert(name.clone()) {
-            return Err(bad(
-                &at("objectName"),
-                format!("{name:?} is used by more than one object; each file needs its own name"),
-            ));
-        }
-        let path = r
-            .secret_path
-            .map(|s| s.trim().trim_matches('/').to_string())
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| bad(&at("secretPath"), format!("missing for {name:?}")))?;
-        check_api_path(&at("secretPath"), &path)?;
-        let key = match r.secret_key.as_deref().map(str::trim) {
-            None | Some("") => KeySelector::Whole,
-            Some("*") => KeySelector::Each,
-            Some(k) => KeySelector::One(k.to_string()),
-        };
-        let method = match r
-            .method
-            .as_deref()
-            .map(|m| m.trim().to_ascii_uppercase())
-            .as_deref()
-        {
-            None | Some("") | Some("GET") => FetchMethod::Get,
-            Some("PUT") => FetchMethod::Put,
-            Some("POST") => FetchMethod::Post,
-            Some(other) => {
-                return Err(bad(
-                    &at("method"),
-                    format!("{other:?} is not one of GET, PUT, POST"),
-                ));
-            }
-        };
-        let encoding = match r
-            .encoding
-            .as_deref()
-            .map(|e| e.trim().to_ascii_lowercase())
-            .as_deref()
-        {
-            None | Some("") | Some("utf-8") | Some("utf8") => Encoding::Utf8,
-            Some("base64") => Encoding::Base64,
-            Some("hex") => Encoding::Hex,
-            Some(other) => {
-                return Err(bad(
-                    &at("encoding"),
-                    format!("{other:?} is not one of utf-8, base64, hex"),
-                ));
-            }
-        };
-        let mode = r
-            .file_permission
-            .map(|v| parse_file_permission(&v.0))
-            .transpose()
-            .map_err(|reason| bad(&at("filePermission"), reason))?;
-        objects.push(ObjectSpec {
-            name,
-            path,
-            key,
-            method,
-            args: r.secret_args.unwrap_or_default(),
-            encoding,
-            mode,
-        });
+    let objects = raw
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| parse_object(i, r, &mut names))
+        .collect::<Result<Vec<_>, _>>()?;
+    check_nesting(&names)?;
+    Ok(objects)
+}
+
+/// One entry of `objects` (the `i`th); its name must not be in `names` yet.
+fn parse_object(
+    i: usize,
+    r: RawObject,
+    names: &mut BTreeSet<String>,
+) -> Result<ObjectSpec, MountError> {
+    let at = |field: &str| format!("objects[{i}].{field}");
+    let name = r
+        .object_name
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| bad(&at("objectName"), "missing"))?;
+    check_object_name(&name).map_err(|reason| bad(&at("objectName"), reason))?;
+    if !names.insert(name.clone()) {
+        return Err(bad(
+            &at("objectName"),
+            format!("{name:?} is used by more than one object; each file needs its own name"),
+        ));
     }
-    // "a" and "a/b" cannot both exist: one would be a file and a directory at once.
-    for a in &names {
+    let path = r
+        .secret_path
+        .map(|s| s.trim().trim_matches('/').to_string())
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| bad(&at("secretPath"), format!("missing for {name:?}")))?;
+    check_api_path(&at("secretPath"), &path)?;
+    let key = match r.secret_key.as_deref().map(str::trim) {
+        None | Some("") => KeySelector::Whole,
+        Some("*") => KeySelector::Each,
+        Some(k) => KeySelector::One(k.to_string()),
+    };
+    let method = parse_method(r.method.as_deref()).map_err(|reason| bad(&at("method"), reason))?;
+    let encoding =
+        parse_encoding(r.encoding.as_deref()).map_err(|reason| bad(&at("encoding"), reason))?;
+    let mode = r
+        .file_permission
+        .map(|v| parse_file_permission(&v.0))
+        .transpose()
+        .map_err(|reason| bad(&at("filePermission"), reason))?;
+    Ok(ObjectSpec {
+        name,
+        path,
+        key,
+        method,
+        args: r.secret_args.unwrap_or_default(),
+        encoding,
+        mode,
+    })
+}
+
+/// `method`: GET (the default), PUT or POST, in any case.
+fn parse_method(raw: Option<&str>) -> Result<FetchMethod, String> {
+    match raw.map(|m| m.trim().to_ascii_uppercase()).as_deref() {
+        None | Some("") | Some("GET") => Ok(FetchMethod::Get),
+        Some("PUT") => Ok(FetchMethod::Put),
+        Some("POST") => Ok(FetchMethod::Post),
+        Some(other) => Err(format!("{other:?} is not one of GET, PUT, POST")),
+    }
+}
+
+/// `encoding`: utf-8 (the default), base64 or hex, in any case.
+fn parse_encoding(raw: Option<&str>) -> Result<Encoding, String> {
+    match raw.map(|e| e.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("") | Some("utf-8") | Some("utf8") => Ok(Encoding::Utf8),
+        Some("base64") => Ok(Encoding::Base64),
+        Some("hex") => Ok(Encoding::Hex),
+        Some(other) => Err(format!("{other:?} is not one of utf-8, base64, hex")),
+    }
+}
+
+/// "a" and "a/b" cannot both exist: one would be a file and a directory at once.
+fn check_nesting(names: &BTreeSet<String>) -> Result<(), MountError> {
+    for a in names {
         let prefix = format!("{a}/");
         if let Some(b) = names.range(prefix.clone()..).next()
             && b.starts_with(&prefix)
@@ -486,7 +515,7 @@ pub fn parse_objects(yaml: &str) -> Result<Vec<ObjectSpec>, MountError> {
             ));
         }
     }
-    Ok(objects)
+    Ok(())
 }
 
 /// `filePermission`: octal digits as written ("0640", 0640, 640, "0o640"), like chmod.

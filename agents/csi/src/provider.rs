@@ -166,6 +166,25 @@ impl Provider {
         permission: &str,
     ) -> Result<MountOutcome, MountError> {
         let params = params::parse(attributes, permission)?;
+        let login = self.login_for(&params)?;
+        let who = Who {
+            role: params.role.clone(),
+            namespace: params.pod.namespace.clone(),
+            service_account: params.pod.service_account.clone(),
+        };
+        // Each distinct (path, method, args) once, whatever the number of objects using it.
+        let mut requests: BTreeMap<RequestKey, Vec<usize>> = BTreeMap::new();
+        for (i, o) in params.objects.iter().enumerate() {
+            requests.entry(o.request_key()).or_default().push(i);
+        }
+        let (results, logins) = self.fetch_as_pod(&login, &params, &requests).await?;
+        let data = secret_data(results, &requests, &params, &who)?;
+        let response = self.respond(&params, &data)?;
+        Ok(MountOutcome { response, logins })
+    }
+
+    /// Where and as whom a Mount logs in: the SecretProviderClass's settings over the agent's.
+    fn login_for(&self, params: &MountParams) -> Result<PodLogin, MountError> {
         let address = params
             .address
             .clone()
@@ -200,77 +219,59 @@ impl Provider {
             .audience
             .clone()
             .unwrap_or_else(|| self.settings.audience.clone());
-        let who = Who {
-            role: params.role.clone(),
-            namespace: params.pod.namespace.clone(),
-            service_account: params.pod.service_account.clone(),
-        };
+        Ok(PodLogin {
+            client,
+            identity,
+            audience,
+        })
+    }
 
-        // Each distinct (path, method, args) once, whatever the number of objects using it.
-        let mut requests: BTreeMap<RequestKey, Vec<usize>> = BTreeMap::new();
-        for (i, o) in params.objects.iter().enumerate() {
-            requests.entry(o.request_key()).or_default().push(i);
-        }
-        let mut logins = 0;
-        let mut pod_token = self
+    /// Fetches every request as the pod; returns the results and the logins it took.
+    async fn fetch_as_pod(
+        &self,
+        login: &PodLogin,
+        params: &MountParams,
+        requests: &BTreeMap<RequestKey, Vec<usize>>,
+    ) -> Result<(Fetched, u32), MountError> {
+        let (client, identity, pod) = (&login.client, &login.identity, &params.pod);
+        let pod_token = self
             .identities
-            .token(&identity, &client, &params.pod, &audience, None)
+            .token(identity, client, pod, &login.audience)
             .await?;
-        logins += u32::from(!pod_token.cached);
+        let mut logins = u32::from(!pod_token.cached);
         let mut results = self
-            .fetch_all(
-                &client,
-                &pod_token.token,
-                &identity,
-                &params,
-                requests.keys(),
-            )
+            .fetch_all(client, &pod_token.token, identity, params, requests.keys())
             .await;
-        // A cached token that OpenBao now refuses (revoked, role changed): log in again, once.
+        let denied: Vec<RequestKey> = results
+            .iter()
+            .filter(|(_, r)| matches!(r, Err(e) if e.is_permission_denied()))
+            .map(|(k, _)| k.clone())
+            .collect();
+        // A cached token that OpenBao now refuses: when it is dead (revoked, expired), a fresh
+        // login replaces it and the refused requests are retried once; a live token means the
+        // policy lacks the path, and the 403 stands.
         if pod_token.cached
-            && results
-                .values()
-                .any(|r| matches!(r, Err(e) if e.is_permission_denied()))
-        {
-            pod_token = self
+            && !denied.is_empty()
+            && let Some(fresh) = self
                 .identities
-                .token(
-                    &identity,
-                    &client,
-                    &params.pod,
-                    &audience,
-                    Some(&pod_token.token),
-                )
-                .await?;
-            logins += u32::from(!pod_token.cached);
-            let retry: Vec<RequestKey> = results
-                .iter()
-                .filter(|(_, r)| matches!(r, Err(e) if e.is_permission_denied()))
-                .map(|(k, _)| k.clone())
-                .collect();
+                .denied(identity, client, pod, &login.audience, &pod_token.token)
+                .await?
+        {
+            logins += u32::from(!fresh.cached);
             let again = self
-                .fetch_all(&client, &pod_token.token, &identity, &params, retry.iter())
+                .fetch_all(client, &fresh.token, identity, params, denied.iter())
                 .await;
             results.extend(again);
         }
+        Ok((results, logins))
+    }
 
-        let mut data: HashMap<RequestKey, Map<String, Value>> = HashMap::new();
-        for (key, result) in results {
-            let objects: Vec<String> = requests[&key]
-                .iter()
-                .map(|&i| params.objects[i].name.clone())
-                .collect();
-            let d = result.map_err(|e| classify(e, &who, objects.clone()))?;
-            let d = render::secret_data(&key.path, d).map_err(|deleted| MountError::NotFound {
-                path: format!(
-                    "{} (its latest KV version is deleted or destroyed)",
-                    deleted.path
-                ),
-                objects,
-            })?;
-            data.insert(key, d);
-        }
-
+    /// Renders every object and checks the response size.
+    fn respond(
+        &self,
+        params: &MountParams,
+        data: &HashMap<RequestKey, Map<String, Value>>,
+    ) -> Result<MountResponse, MountError> {
         let mut response = MountResponse::default();
         for o in &params.objects {
             let files = render::render(o, &data[&o.request_key()], params.default_mode)?;
@@ -291,7 +292,7 @@ impl Provider {
                 limit: self.settings.max_response_bytes,
             });
         }
-        Ok(MountOutcome { response, logins })
+        Ok(response)
     }
 
     async fn fetch_all<'a>(
@@ -301,7 +302,7 @@ impl Provider {
         identity: &IdentityKey,
         params: &MountParams,
         keys: impl Iterator<Item = &'a RequestKey>,
-    ) -> BTreeMap<RequestKey, Result<Map<String, Value>, BaoError>> {
+    ) -> Fetched {
         let futures = keys.map(|key| async move {
             let args = params
                 .objects
@@ -394,6 +395,42 @@ impl Provider {
         }
         Ok(data)
     }
+}
+
+/// Each distinct request's data, or why OpenBao refused it.
+type Fetched = BTreeMap<RequestKey, Result<Map<String, Value>, BaoError>>;
+
+/// Where and as whom one Mount logs in.
+struct PodLogin {
+    client: OpenBao,
+    identity: IdentityKey,
+    audience: String,
+}
+
+/// Each request's data, or the first failure said in terms of the objects that needed it.
+fn secret_data(
+    results: Fetched,
+    requests: &BTreeMap<RequestKey, Vec<usize>>,
+    params: &MountParams,
+    who: &Who,
+) -> Result<HashMap<RequestKey, Map<String, Value>>, MountError> {
+    let mut data = HashMap::new();
+    for (key, result) in results {
+        let objects: Vec<String> = requests[&key]
+            .iter()
+            .map(|&i| params.objects[i].name.clone())
+            .collect();
+        let d = result.map_err(|e| classify(e, who, objects.clone()))?;
+        let d = render::secret_data(&key.path, d).map_err(|deleted| MountError::NotFound {
+            path: format!(
+                "{} (its latest KV version is deleted or destroyed)",
+                deleted.path
+            ),
+            objects,
+        })?;
+        data.insert(key, d);
+    }
+    Ok(data)
 }
 
 /// OpenBao's errors, said in terms of the Mount.

@@ -925,6 +925,8 @@ async fn socket_is_private_stale_sockets_are_replaced_and_version_answers() {
 #[tokio::test]
 async fn sealed_openbao_is_a_clear_error_and_mounts_resume_after_unseal() {
     let bed = bed().await;
+    // Shared until the seal: another test may have OpenBao sealed or its tokens revoked.
+    let gate = OPENBAO_GATE.read().await;
     kv2_put(bed, "myapp/shared", json!({"password": "pw"})).await;
     let ns = bed.namespace("sealed").await;
     let pod = pod(bed, &ns, "web", "app").await;
@@ -936,6 +938,7 @@ async fn sealed_openbao_is_a_clear_error_and_mounts_resume_after_unseal() {
         Some(&token),
     );
     agent.mount(&attrs).await.expect("mount while unsealed");
+    drop(gate);
 
     let _exclusive = OPENBAO_GATE.write().await;
     bed.openbao().seal().await;
@@ -1175,6 +1178,8 @@ async fn database_credentials_are_kept_and_renewed_while_their_lease_is_valid() 
 #[tokio::test]
 async fn a_revoked_cached_token_is_replaced_by_one_new_login() {
     let bed = bed().await;
+    // Shared until the revocation: another test may have OpenBao sealed.
+    let gate = OPENBAO_GATE.read().await;
     kv2_put(bed, "myapp/shared", json!({"password": "pw"})).await;
     let ns = bed.namespace("revoked").await;
     let pod = pod(bed, &ns, "web", "app").await;
@@ -1192,6 +1197,7 @@ async fn a_revoked_cached_token_is_replaced_by_one_new_login() {
             .await,
         1.0
     );
+    drop(gate);
 
     // Revoking every Kubernetes-auth token would disturb the other tests' login counts.
     let _exclusive = OPENBAO_GATE.write().await;

@@ -26,7 +26,7 @@ pub enum Action {
     /// Write every file of the plan.
     #[default]
     Install,
-    /// Remove every file recorded in the state file.
+    /// Remove every file recorded in the state file, except those the plan keeps.
     Uninstall,
 }
 
@@ -66,6 +66,10 @@ pub struct Plan {
     /// Files in the order they are written (the static-pod manifest last, so the kubelet never
     /// starts the plugin before its config and credentials exist); removed in reverse order.
     pub files: Vec<PlannedFile>,
+    /// On uninstall: files written (or left) in place instead of removed, e.g. an
+    /// `identity`-only EncryptionConfiguration that kube-apiserver's flag still points at.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keep: Vec<PlannedFile>,
 }
 
 /// What the installer wrote, kept on the host so `uninstall` knows what to remove.
@@ -100,6 +104,8 @@ pub enum Outcome {
     Uninstalled {
         /// How many files were removed.
         removed: usize,
+        /// How many files the plan keeps in place.
+        kept: usize,
     },
 }
 
@@ -190,9 +196,13 @@ pub fn content_hash(files: &[(String, u32, Vec<u8>)]) -> String {
     hex::encode(h.finalize())
 }
 
-/// Loads every planned file's content, with the mode it will get.
-fn load(plan: &Plan, bundle: &Path, secrets: &Path) -> Result<Vec<(String, u32, Vec<u8>)>, Error> {
-    plan.files
+/// Loads every file's content, with the mode it will get.
+fn load(
+    files: &[PlannedFile],
+    bundle: &Path,
+    secrets: &Path,
+) -> Result<Vec<(String, u32, Vec<u8>)>, Error> {
+    files
         .iter()
         .map(|f| {
             let dir = match f.source {
@@ -224,7 +234,11 @@ fn load(plan: &Plan, bundle: &Path, secrets: &Path) -> Result<Vec<(String, u32, 
 /// The content hash the plan would install now (used to notice a changed bundle).
 pub fn planned_hash(bundle: &Path, secrets: &Path) -> Result<String, Error> {
     let plan = read_plan(bundle)?;
-    Ok(content_hash(&load(&plan, bundle, secrets)?))
+    let files = match plan.action {
+        Action::Install => &plan.files,
+        Action::Uninstall => &plan.keep,
+    };
+    Ok(content_hash(&load(files, bundle, secrets)?))
 }
 
 fn host_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
@@ -288,8 +302,22 @@ pub fn install(
     secrets: &Path,
     host_root: &Path,
 ) -> Result<Outcome, Error> {
-    let contents = load(plan, bundle, secrets)?;
-    let state_path = host_path(host_root, &plan.state_path)?;
+    let (hash, written, _) = place(&plan.files, &plan.state_path, bundle, secrets, host_root)?;
+    Ok(Outcome::Installed { hash, written })
+}
+
+/// Writes `files` below `host_root` and records them in the state file at `state`, removing
+/// what an older plan installed and these files do not include. Returns the content hash, how
+/// many files were written and how many were removed.
+fn place(
+    files: &[PlannedFile],
+    state: &str,
+    bundle: &Path,
+    secrets: &Path,
+    host_root: &Path,
+) -> Result<(String, usize, usize), Error> {
+    let contents = load(files, bundle, secrets)?;
+    let state_path = host_path(host_root, state)?;
     let dests = contents
         .iter()
         .map(|(p, _, _)| host_path(host_root, p))
@@ -306,10 +334,13 @@ pub fn install(
         });
     }
     // Remove what an older plan installed and this one no longer wants.
+    let mut removed = 0;
     if let Some(old) = read_state(&state_path) {
         for f in old.files.iter().rev() {
-            if !contents.iter().any(|(p, _, _)| p == &f.path) {
-                remove(&host_path(host_root, &f.path)?)?;
+            if !contents.iter().any(|(p, _, _)| p == &f.path)
+                && remove(&host_path(host_root, &f.path)?)?
+            {
+                removed += 1;
             }
         }
     }
@@ -320,7 +351,7 @@ pub fn install(
     };
     let json = serde_json::to_vec_pretty(&state).expect("state serialises");
     write_atomic(&state_path, &json, 0o600)?;
-    Ok(Outcome::Installed { hash, written })
+    Ok((hash, written, removed))
 }
 
 fn remove(path: &Path) -> Result<bool, Error> {
@@ -344,7 +375,26 @@ pub fn uninstall(state_path: &str, host_root: &Path) -> Result<Outcome, Error> {
         }
     }
     remove(&state_file)?;
-    Ok(Outcome::Uninstalled { removed })
+    Ok(Outcome::Uninstalled { removed, kept: 0 })
+}
+
+/// Uninstalls, keeping the plan's `keep` files: every other recorded file is removed (the
+/// static-pod manifest first) and the kept ones written; with nothing kept, the state file goes
+/// too (see [`uninstall`]).
+pub fn uninstall_keeping(
+    plan: &Plan,
+    bundle: &Path,
+    secrets: &Path,
+    host_root: &Path,
+) -> Result<Outcome, Error> {
+    if plan.keep.is_empty() {
+        return uninstall(&plan.state_path, host_root);
+    }
+    let (_, _, removed) = place(&plan.keep, &plan.state_path, bundle, secrets, host_root)?;
+    Ok(Outcome::Uninstalled {
+        removed,
+        kept: plan.keep.len(),
+    })
 }
 
 /// Applies the bundle's plan: install or uninstall.
@@ -352,7 +402,7 @@ pub fn apply(bundle: &Path, secrets: &Path, host_root: &Path) -> Result<Outcome,
     let plan = read_plan(bundle)?;
     match plan.action {
         Action::Install => install(&plan, bundle, secrets, host_root),
-        Action::Uninstall => uninstall(&plan.state_path, host_root),
+        Action::Uninstall => uninstall_keeping(&plan, bundle, secrets, host_root),
     }
 }
 
@@ -416,6 +466,7 @@ mod tests {
                     mode: 0o600,
                 },
             ],
+            keep: vec![],
         }
     }
 
@@ -531,7 +582,13 @@ mod tests {
         fs::write(&foreign, "kind: Pod\n").unwrap();
         write_bundle(&b, Action::Uninstall);
         let out = apply(&b.bundle, &b.secrets, &b.host).unwrap();
-        assert_eq!(out, Outcome::Uninstalled { removed: 3 });
+        assert_eq!(
+            out,
+            Outcome::Uninstalled {
+                removed: 3,
+                kept: 0
+            }
+        );
         assert!(
             !b.host
                 .join("etc/kubernetes/manifests/kubebao-kms.yaml")
@@ -543,7 +600,10 @@ mod tests {
         // A second uninstall is a no-op.
         assert_eq!(
             apply(&b.bundle, &b.secrets, &b.host).unwrap(),
-            Outcome::Uninstalled { removed: 0 }
+            Outcome::Uninstalled {
+                removed: 0,
+                kept: 0
+            }
         );
     }
 
@@ -604,5 +664,53 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().contains("kubebao-tmp"))
             .collect();
         assert!(leftovers.is_empty());
+    }
+
+    #[test]
+    fn an_uninstall_can_keep_a_file_in_place_and_removes_the_rest() {
+        let b = bed();
+        write_bundle(&b, Action::Install);
+        apply(&b.bundle, &b.secrets, &b.host).unwrap();
+        let mut p = plan(Action::Uninstall);
+        p.keep = vec![PlannedFile {
+            name: "kms.yaml".into(),
+            source: Source::Config,
+            path: "/etc/kubebao/kms.yaml".into(),
+            mode: 0o600,
+        }];
+        fs::write(b.bundle.join(PLAN_FILE), serde_json::to_vec(&p).unwrap()).unwrap();
+        fs::write(b.bundle.join("kms.yaml"), "identity only\n").unwrap();
+        let out = apply(&b.bundle, &b.secrets, &b.host).unwrap();
+        assert_eq!(
+            out,
+            Outcome::Uninstalled {
+                removed: 2,
+                kept: 1
+            }
+        );
+        assert!(
+            !b.host
+                .join("etc/kubernetes/manifests/kubebao-kms.yaml")
+                .exists()
+        );
+        assert!(!b.host.join("etc/kubebao/approle/secret-id").exists());
+        let kept = b.host.join("etc/kubebao/kms.yaml");
+        assert_eq!(fs::read_to_string(&kept).unwrap(), "identity only\n");
+        assert_eq!(mode(&kept), 0o600);
+        // The state now records only the kept file; the next uninstall changes nothing.
+        let state = read_state(&b.host.join("etc/kubebao/installer-state.json")).unwrap();
+        assert_eq!(state.files.len(), 1);
+        assert_eq!(
+            apply(&b.bundle, &b.secrets, &b.host).unwrap(),
+            Outcome::Uninstalled {
+                removed: 0,
+                kept: 1
+            }
+        );
+        assert_eq!(
+            planned_hash(&b.bundle, &b.secrets).unwrap(),
+            state.hash,
+            "the kept set's hash, so `run` notices a changed kept file"
+        );
     }
 }

@@ -84,7 +84,9 @@ type Report = Arc<Mutex<Result<String, String>>>;
 fn describe(outcome: &Outcome) -> String {
     match outcome {
         Outcome::Installed { hash, written } => format!("installed hash={hash} written={written}"),
-        Outcome::Uninstalled { removed } => format!("uninstalled removed={removed}"),
+        Outcome::Uninstalled { removed, kept } => {
+            format!("uninstalled removed={removed} kept={kept}")
+        }
     }
 }
 

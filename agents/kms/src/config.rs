@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use kubebao_openbao::duration::{self, Bounds};
 use kubebao_openbao::{ClientConfig, CredentialSource};
 
 /// Every setting, as flags/env (clap) and as YAML file keys (kebab-case, same names).
@@ -186,32 +187,10 @@ pub struct Config {
     pub log_level: String,
 }
 
-/// Parses `500ms`, `10s`, `5m`, `1h` (a bare number means seconds).
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let t = text.trim();
-    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => t.split_at(i),
-        None => (t, "s"),
-    };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration (use e.g. 500ms, 10s, 5m)"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => {
-            return Err(format!(
-                "{text:?}: unknown unit {unit:?} (use ms, s, m or h)"
-            ));
-        }
-    };
-    if !secs.is_finite() || secs <= 0.0 || secs > 86400.0 * 365.0 {
-        return Err(format!("{text:?} is out of range"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
+/// Bounds of the plugin's durations (`--openbao-timeout`, `--probe-interval`): more than
+/// nothing, at most a year. A bare number means seconds.
+pub const DURATION_BOUNDS: Bounds =
+    Bounds::new(Duration::from_millis(1), Duration::from_secs(86_400 * 365));
 
 /// A name safe to put into an OpenBao path segment (mounts may contain `/`).
 fn check_path_name(what: &str, value: &str, allow_slash: bool) -> Result<(), String> {
@@ -238,103 +217,159 @@ fn check_path_name(what: &str, value: &str, allow_slash: bool) -> Result<(), Str
     }
 }
 
-impl Config {
-    /// Validates merged settings and fills defaults; the error lists every problem found.
-    pub fn from_settings(s: Settings) -> Result<Config, String> {
-        let mut problems = Vec::new();
-        let mut dur = |what: &str, v: Option<String>, default: Duration| match v {
-            None => default,
-            Some(v) => parse_duration(&v).unwrap_or_else(|e| {
-                problems.push(format!("--{what}: {e}"));
-                default
-            }),
-        };
-        let openbao_timeout = dur("openbao-timeout", s.openbao_timeout, Duration::from_secs(2));
-        let probe_interval = dur("probe-interval", s.probe_interval, Duration::from_secs(10));
-        let http_addr = s.http_addr.unwrap_or_else(|| "127.0.0.1:8787".into());
-        let http_addr = http_addr.parse().unwrap_or_else(|_| {
+/// Problems found while validating, reported all at once.
+type Problems = Vec<String>;
+
+fn duration_setting(
+    problems: &mut Problems,
+    flag: &str,
+    value: Option<String>,
+    default: Duration,
+) -> Duration {
+    match value {
+        None => default,
+        Some(v) => duration::parse(&v, DURATION_BOUNDS).unwrap_or_else(|e| {
+            problems.push(format!("--{flag}: {e}"));
+            default
+        }),
+    }
+}
+
+fn http_addr_setting(problems: &mut Problems, value: Option<String>) -> SocketAddr {
+    let http_addr = value.unwrap_or_else(|| "127.0.0.1:8787".into());
+    http_addr.parse().unwrap_or_else(|_| {
+        problems.push(format!(
+            "--http-addr {http_addr:?} is not an address like 127.0.0.1:8787"
+        ));
+        SocketAddr::from(([127, 0, 0, 1], 8787))
+    })
+}
+
+fn openbao_addr_setting(problems: &mut Problems, value: Option<String>) -> String {
+    match value {
+        Some(a) if a.starts_with("http://") || a.starts_with("https://") => a,
+        Some(a) => {
             problems.push(format!(
-                "--http-addr {http_addr:?} is not an address like 127.0.0.1:8787"
+                "--openbao-addr {a:?} must start with http:// or https://"
             ));
-            SocketAddr::from(([127, 0, 0, 1], 8787))
-        });
-        let openbao_addr = match s.openbao_addr {
-            Some(a) if a.starts_with("http://") || a.starts_with("https://") => a,
-            Some(a) => {
-                problems.push(format!(
-                    "--openbao-addr {a:?} must start with http:// or https://"
-                ));
-                a
-            }
-            None => {
-                problems.push(
-                    "--openbao-addr (KUBEBAO_KMS_OPENBAO_ADDR) is required, e.g. https://openbao:8200"
-                        .into(),
-                );
+            a
+        }
+        None => {
+            problems.push(
+                "--openbao-addr (KUBEBAO_KMS_OPENBAO_ADDR) is required, e.g. https://openbao:8200"
+                    .into(),
+            );
+            String::new()
+        }
+    }
+}
+
+fn path_name_setting(
+    problems: &mut Problems,
+    flag: &str,
+    value: Option<String>,
+    default: &str,
+    allow_slash: bool,
+) -> String {
+    let value = value.unwrap_or_else(|| default.into());
+    if let Err(e) = check_path_name(flag, &value, allow_slash) {
+        problems.push(e);
+    }
+    value
+}
+
+/// The credential source for `--auth-method` and the files and role it needs.
+fn credentials_setting(problems: &mut Problems, s: &mut Settings) -> CredentialSource {
+    let method = s.auth_method.take().unwrap_or_else(|| "token".into());
+    let mount = path_name_setting(problems, "--auth-mount", s.auth_mount.take(), &method, true);
+    let mut need = |flag: &str, v: Option<PathBuf>| {
+        v.unwrap_or_else(|| {
+            problems.push(format!("--auth-method {method} needs --{flag}"));
+            PathBuf::new()
+        })
+    };
+    match method.as_str() {
+        "token" => CredentialSource::TokenFile(need("token-file", s.token_file.take())),
+        "approle" => CredentialSource::AppRoleFiles {
+            mount,
+            role_id_file: need("role-id-file", s.role_id_file.take()),
+            secret_id_file: need("secret-id-file", s.secret_id_file.take()),
+        },
+        "kubernetes" | "jwt" => {
+            let jwt_file = need("jwt-file", s.jwt_file.take());
+            let role = s.auth_role.take().unwrap_or_else(|| {
+                problems.push(format!("--auth-method {method} needs --auth-role"));
                 String::new()
-            }
-        };
-        let transit_mount = s.transit_mount.unwrap_or_else(|| "transit".into());
-        let transit_key = s.transit_key.unwrap_or_else(|| "kubebao-kms".into());
-        if let Err(e) = check_path_name("--transit-mount", &transit_mount, true) {
-            problems.push(e);
-        }
-        if let Err(e) = check_path_name("--transit-key", &transit_key, false) {
-            problems.push(e);
-        }
-        let method = s.auth_method.unwrap_or_else(|| "token".into());
-        let mount = s.auth_mount.unwrap_or_else(|| method.clone());
-        if let Err(e) = check_path_name("--auth-mount", &mount, true) {
-            problems.push(e);
-        }
-        let mut need = |flag: &str, v: Option<PathBuf>| {
-            v.unwrap_or_else(|| {
-                problems.push(format!("--auth-method {method} needs --{flag}"));
-                PathBuf::new()
-            })
-        };
-        let credentials = match method.as_str() {
-            "token" => CredentialSource::TokenFile(need("token-file", s.token_file)),
-            "approle" => CredentialSource::AppRoleFiles {
-                mount,
-                role_id_file: need("role-id-file", s.role_id_file),
-                secret_id_file: need("secret-id-file", s.secret_id_file),
-            },
-            "kubernetes" | "jwt" => {
-                let jwt_file = need("jwt-file", s.jwt_file);
-                let role = s.auth_role.unwrap_or_else(|| {
-                    problems.push(format!("--auth-method {method} needs --auth-role"));
-                    String::new()
-                });
-                if method == "kubernetes" {
-                    CredentialSource::KubernetesJwtFile {
-                        mount,
-                        role,
-                        jwt_file,
-                    }
-                } else {
-                    CredentialSource::JwtFile {
-                        mount,
-                        role,
-                        jwt_file,
-                    }
+            });
+            if method == "kubernetes" {
+                CredentialSource::KubernetesJwtFile {
+                    mount,
+                    role,
+                    jwt_file,
+                }
+            } else {
+                CredentialSource::JwtFile {
+                    mount,
+                    role,
+                    jwt_file,
                 }
             }
-            other => {
-                problems.push(format!(
-                    "--auth-method {other:?} is not one of token, approle, kubernetes, jwt"
-                ));
-                CredentialSource::TokenFile(PathBuf::new())
-            }
-        };
-        let log_format = match s.log_format.as_deref() {
-            None | Some("text") => LogFormat::Text,
-            Some("json") => LogFormat::Json,
-            Some(other) => {
-                problems.push(format!("--log-format {other:?} is not text or json"));
-                LogFormat::Text
-            }
-        };
+        }
+        other => {
+            problems.push(format!(
+                "--auth-method {other:?} is not one of token, approle, kubernetes, jwt"
+            ));
+            CredentialSource::TokenFile(PathBuf::new())
+        }
+    }
+}
+
+fn log_format_setting(problems: &mut Problems, value: Option<&str>) -> LogFormat {
+    match value {
+        None | Some("text") => LogFormat::Text,
+        Some("json") => LogFormat::Json,
+        Some(other) => {
+            problems.push(format!("--log-format {other:?} is not text or json"));
+            LogFormat::Text
+        }
+    }
+}
+
+impl Config {
+    /// Validates merged settings and fills defaults; the error lists every problem found.
+    pub fn from_settings(mut s: Settings) -> Result<Config, String> {
+        let mut problems = Problems::new();
+        let p = &mut problems;
+        let openbao_timeout = duration_setting(
+            p,
+            "openbao-timeout",
+            s.openbao_timeout.take(),
+            Duration::from_secs(2),
+        );
+        let probe_interval = duration_setting(
+            p,
+            "probe-interval",
+            s.probe_interval.take(),
+            Duration::from_secs(10),
+        );
+        let http_addr = http_addr_setting(p, s.http_addr.take());
+        let openbao_addr = openbao_addr_setting(p, s.openbao_addr.take());
+        let transit_mount = path_name_setting(
+            p,
+            "--transit-mount",
+            s.transit_mount.take(),
+            "transit",
+            true,
+        );
+        let transit_key = path_name_setting(
+            p,
+            "--transit-key",
+            s.transit_key.take(),
+            "kubebao-kms",
+            false,
+        );
+        let credentials = credentials_setting(p, &mut s);
+        let log_format = log_format_setting(p, s.log_format.as_deref());
         if !problems.is_empty() {
             return Err(problems.join("\n"));
         }
@@ -430,10 +465,26 @@ mod tests {
 
     #[test]
     fn durations_parse_with_units() {
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("5 parsecs").is_err());
+        let parse = |t: &str| duration::parse(t, DURATION_BOUNDS);
+        assert_eq!(parse("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse("3").unwrap(), Duration::from_secs(3));
+        assert_eq!(parse("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse("1.5").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse("8760h").unwrap(), Duration::from_secs(86_400 * 365));
+        assert!(parse("0s").is_err());
+        assert!(parse("5 parsecs").is_err());
+        assert!(parse("8761h").is_err(), "more than a year");
+        let err = Config::from_settings(Settings {
+            openbao_addr: Some("https://bao:8200".into()),
+            token_file: Some("/t".into()),
+            openbao_timeout: Some("99999999999999999999h".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(
+            err,
+            "--openbao-timeout: \"99999999999999999999h\" is not a duration between 1ms and 8760h: \
+             use a number with a unit, e.g. 500ms, 30s, 5m, 1h30m"
+        );
     }
 }

@@ -1,29 +1,17 @@
 //! What the plugin hands the API server and checks when it comes back: the key_id, the
 //! annotations, the associated data and the shape of a Transit ciphertext.
 //!
-//! key_id = `kb1-` + the first 128 bits of SHA-256 over (format tag, Transit mount, key name,
-//! key version, creation time of that version), hex. Why these inputs:
-//! - a version's creation time identifies the key *instance*: a key deleted and re-created
-//!   under the same name gets new key_ids, so a key_id is never reused for other key material
-//!   (OpenBao lists the creation time of every version that can still decrypt, which is
-//!   exactly the set of key_ids Decrypt must recognise; versions below
-//!   `min_decryption_version` are hidden, so an identity based on version 1 would not work);
-//! - mount and name tell keys apart within one OpenBao; the OpenBao address is deliberately not
-//!   included, so moving OpenBao behind another DNS name keeps every stored Secret readable
-//!   (renaming the mount or key does change the ids: stored Secrets would then be unreadable);
-//! - hashing hides the topology (mount, key name, version) from anyone reading etcd.
-//!
-//! Decrypt cannot invert the hash; it looks the key_id up among the versions the key snapshot
-//! says are still decryptable, so an unknown key_id is refused before OpenBao is called.
+//! The key_id is derived in one place, shared with the operator:
+//! [`kubebao_openbao::transit::key_id`] (its module doc explains the inputs). Decrypt cannot
+//! invert the hash; it looks the key_id up among the versions the key snapshot says are still
+//! decryptable, so an unknown key_id is refused before OpenBao is called.
 
 use std::collections::BTreeMap;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use sha2::{Digest, Sha256};
+pub use kubebao_openbao::transit::{KEY_ID_PREFIX, is_well_formed_key_id, key_id};
 
-/// Prefix of every key_id this plugin issues (format version 1).
-pub const KEY_ID_PREFIX: &str = "kb1-";
 /// Annotation holding the Transit key version (not secret).
 pub const ANNOTATION_KEY_VERSION: &str = "key-version.kubebao.io";
 /// Annotation holding the envelope format (not secret).
@@ -40,44 +28,6 @@ pub const MAX_CIPHERTEXT: usize = 1024;
 pub const MAX_KEY_ID: usize = 1024;
 /// AES-GCM nonce + tag: a shorter Transit ciphertext is certainly truncated.
 const MIN_RAW_CIPHERTEXT: usize = 12 + 16 + 1;
-
-/// The key identity that key_ids are derived from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KeyIdentity {
-    /// Transit mount.
-    pub mount: String,
-    /// Key name.
-    pub name: String,
-}
-
-impl KeyIdentity {
-    /// The key_id of `version` of this key, created at `created` (as OpenBao reports it).
-    pub fn key_id(&self, version: u64, created: &str) -> String {
-        let mut h = Sha256::new();
-        for part in [
-            "kubebao-kms/key-id/v1",
-            &self.mount,
-            &self.name,
-            &version.to_string(),
-            created,
-        ] {
-            // Length-prefixed so no two different inputs hash the same.
-            h.update((part.len() as u64).to_be_bytes());
-            h.update(part.as_bytes());
-        }
-        let digest = h.finalize();
-        format!("{KEY_ID_PREFIX}{}", hex::encode(&digest[..16]))
-    }
-}
-
-/// True when `key_id` has the shape of a key_id this plugin issues.
-pub fn is_well_formed_key_id(key_id: &str) -> bool {
-    key_id.len() == KEY_ID_PREFIX.len() + 32
-        && key_id.starts_with(KEY_ID_PREFIX)
-        && key_id[KEY_ID_PREFIX.len()..]
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
 
 /// Associated data for Transit: binds a ciphertext to its key_id and the configured context.
 /// The API server does not tell the plugin which object a DEK belongs to, so the object
@@ -189,60 +139,44 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    fn key() -> KeyIdentity {
-        KeyIdentity {
-            mount: "transit".into(),
-            name: "kms".into(),
-        }
+    /// The key_id of `version` of the test key `transit/kms`.
+    fn kid(version: u64, created: &str) -> String {
+        key_id("transit", "kms", version, created)
+    }
+
+    #[test]
+    fn requests_with_a_malformed_key_id_or_ciphertext_are_refused() {
+        let long = "a".repeat(2000);
+        assert_eq!(check_request(b"x", &long), Err(Refusal::MalformedKeyId));
+        assert_eq!(check_request(b"x", "kb1-XYZ"), Err(Refusal::MalformedKeyId));
+        assert_eq!(
+            check_request(&[0; 1025], &kid(1, "1")),
+            Err(Refusal::CiphertextTooLong(1025))
+        );
+        assert_eq!(
+            check_request(b"", &kid(1, "1")),
+            Err(Refusal::EmptyCiphertext)
+        );
     }
 
     #[test]
     fn key_ids_are_stable_well_formed_and_differ_per_version_and_key_instance() {
-        let k = key();
         let t = "1700000000";
-        assert_eq!(k.key_id(1, t), k.key_id(1, t));
-        assert_ne!(k.key_id(1, t), k.key_id(2, t));
-        assert!(is_well_formed_key_id(&k.key_id(7, t)));
+        assert_eq!(kid(1, t), kid(1, t));
+        assert_ne!(kid(1, t), kid(2, t));
+        assert!(is_well_formed_key_id(&kid(7, t)));
         assert_ne!(
-            k.key_id(1, t),
-            k.key_id(1, "1700000001"),
+            kid(1, t),
+            kid(1, "1700000001"),
             "a re-created key must get new ids"
         );
-        let other_mount = KeyIdentity {
-            mount: "transit2".into(),
-            ..key()
-        };
-        assert_ne!(k.key_id(1, t), other_mount.key_id(1, t));
+        assert_ne!(kid(1, t), key_id("transit2", "kms", 1, t));
         // No raw topology in the id.
-        let id = k.key_id(3, t);
+        let id = kid(3, t);
         assert!(!id.contains("transit") && !id.contains("kms") && !id.ends_with('3'));
         // Golden value: the id must never change across releases (stored Secrets depend on it).
         assert_eq!(id, "kb1-78e2a7c29d22832d58671a4dca0e5769");
         assert_eq!(id.len(), 36);
-    }
-
-    #[test]
-    fn malformed_key_ids_are_refused() {
-        for bad in [
-            "",
-            "kb1-",
-            "kb1-XYZ",
-            "kb2-00000000000000000000000000000000",
-            "kb1-0000000000000000000000000000000G",
-            "kb1-000000000000000000000000000000000",
-        ] {
-            assert!(!is_well_formed_key_id(bad), "{bad:?}");
-        }
-        let long = "a".repeat(2000);
-        assert_eq!(check_request(b"x", &long), Err(Refusal::MalformedKeyId));
-        assert_eq!(
-            check_request(&[0; 1025], &key().key_id(1, "1")),
-            Err(Refusal::CiphertextTooLong(1025))
-        );
-        assert_eq!(
-            check_request(b"", &key().key_id(1, "1")),
-            Err(Refusal::EmptyCiphertext)
-        );
     }
 
     #[test]
@@ -287,14 +221,13 @@ mod tests {
 
     #[test]
     fn associated_data_differs_by_key_id_and_context() {
-        let k = key();
         assert_ne!(
-            associated_data(&k.key_id(1, "1"), ""),
-            associated_data(&k.key_id(2, "1"), "")
+            associated_data(&kid(1, "1"), ""),
+            associated_data(&kid(2, "1"), "")
         );
         assert_ne!(
-            associated_data(&k.key_id(1, "1"), "a"),
-            associated_data(&k.key_id(1, "1"), "b")
+            associated_data(&kid(1, "1"), "a"),
+            associated_data(&kid(1, "1"), "b")
         );
     }
 }

@@ -11,7 +11,7 @@ use kubebao_proto::kms::{
 };
 use tonic::{Code, Request, Response, Status};
 
-use crate::envelope::{self, KeyIdentity, MAX_PLAINTEXT, Refusal};
+use crate::envelope::{self, MAX_PLAINTEXT, Refusal};
 use crate::metrics::Metrics;
 
 /// What the plugin knows about the Transit key, refreshed by the probe.
@@ -40,16 +40,17 @@ impl KeySnapshot {
                 key.name
             )));
         }
-        let identity = KeyIdentity {
-            mount: mount.to_string(),
-            name: key.name.clone(),
-        };
         // OpenBao lists exactly the versions that can still decrypt, with creation times.
         let decryptable: BTreeMap<String, u64> = key
             .versions
             .iter()
             .filter(|v| v.version >= key.min_decryption_version)
-            .map(|v| (identity.key_id(v.version, &v.created), v.version))
+            .map(|v| {
+                (
+                    envelope::key_id(mount, &key.name, v.version, &v.created),
+                    v.version,
+                )
+            })
             .collect();
         let current_key_id = decryptable
             .iter()

@@ -310,9 +310,27 @@ async fn a_short_lived_approle_token_is_renewed_and_replaced_past_its_max_ttl() 
         !metrics.contains(r#"method="Encrypt",code="PermissionDenied""#),
         "no request saw an expired token: {metrics}"
     );
+    // What OpenBao saw of this plugin (its mount and policy are this test's alone): tokens
+    // renewed themselves, and not one Transit request, the plugin's own probes included, was
+    // refused (a 403 retried behind the gRPC answer would not show in the metrics above).
+    let audit = bao.audit();
+    let renewals = audit.filter(|r| {
+        r.path == "auth/token/renew-self"
+            && r.error.is_none()
+            && r.token_policies.contains(&"kms-expiry".to_string())
+    });
+    assert!(!renewals.is_empty(), "no token renewal");
+    let refused: Vec<_> = audit
+        .requests
+        .iter()
+        .filter(|r| r.path.starts_with("t-expiry/") && r.error.is_some())
+        .map(|r| format!("{} {}: {:?}", r.operation, r.path, r.error))
+        .collect();
+    assert!(refused.is_empty(), "refused Transit requests: {refused:?}");
 
     // The secret_id is rotated (the old one destroyed) and every token of the mount revoked:
     // the next request meets a 403, logs in again with the re-read file, and succeeds.
+    let mark = bao.audit().len();
     let old_secret_id = std::fs::read_to_string(&secret_id).unwrap();
     let fresh = bao
         .root(Method::POST, "auth/approle-expiry/role/kms/secret-id", None)
@@ -341,6 +359,18 @@ async fn a_short_lived_approle_token_is_renewed_and_replaced_past_its_max_ttl() 
         .into_inner()
         .plaintext;
     assert_eq!(plain, b"after revocation");
+    let fresh_id = bao
+        .audit_hash(fresh["data"]["secret_id"].as_str().unwrap())
+        .await;
+    let relogins = bao
+        .audit()
+        .since(mark)
+        .logins("approle-expiry", "secret_id", &fresh_id)
+        .filter(|r| r.error.is_none());
+    assert!(
+        !relogins.is_empty(),
+        "the plugin logged in with the re-read secret_id"
+    );
 }
 
 #[tokio::test]

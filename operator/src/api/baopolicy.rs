@@ -6,6 +6,8 @@ use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 use super::Condition;
+use super::checks::{MAX_DURATION_TEXT, MAX_KUBE_NAME, TTL_PATTERN};
+use crate::openbao_path::{GLOB_PATTERN, MAX_NAME, MAX_PATH, NAME_PATTERN, PATH_PATTERN};
 
 /// An OpenBao ACL policy (`sys/policies/acl/<name>`), written from structured rules or raw HCL,
 /// plus optional Kubernetes-auth roles that get it.
@@ -43,7 +45,8 @@ pub struct BaoPolicySpec {
     #[schemars(length(min = 1, max = 65536))]
     pub hcl: Option<String>,
     /// Take over a policy of the same name that KubeBao did not create. Default false: such a
-    /// policy is left alone and the BaoPolicy reports Stalled with reason NotOwned.
+    /// policy is left alone and the BaoPolicy reports Stalled with reason NotOwned. (Roles have
+    /// their own `adopt`.)
     #[serde(default)]
     pub adopt: bool,
     /// What deleting the BaoPolicy does in OpenBao: `Delete` (remove the policy and roles) or
@@ -61,24 +64,25 @@ pub struct BaoPolicySpec {
 #[serde(rename_all = "camelCase")]
 pub struct PolicyRule {
     /// API path, optionally ending in `*` (prefix) and with `+` segments (one segment wildcard).
-    /// Letters, digits and `_ . - / + @ =` only: quotes, braces, spaces and newlines are refused
-    /// so a path can never change the policy's structure.
-    #[schemars(
-        regex(pattern = r"^[A-Za-z0-9_.+@=/-]+\*?$"),
-        length(min = 1, max = 512)
-    )]
+    /// Letters, digits and `_ . + @ = -` between single slashes, no `.` or `..` segment: quotes,
+    /// braces, spaces and newlines are refused so a path can never change the policy's
+    /// structure.
+    #[schemars(regex(pattern = GLOB_PATTERN), length(min = 1, max = MAX_PATH))]
     pub path: String,
     /// Capabilities granted on the path.
     #[schemars(length(min = 1, max = 16))]
     pub capabilities: Vec<Capability>,
     /// Parameters the caller may send, with allowed values (`[]` = any value).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxProperties" = 64))]
     pub allowed_parameters: Option<BTreeMap<String, Vec<String>>>,
     /// Parameters (and values) the caller may not send.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxProperties" = 64))]
     pub denied_parameters: Option<BTreeMap<String, Vec<String>>>,
     /// Parameters the caller must send.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 253)))]
     pub required_parameters: Option<Vec<String>>,
 }
 
@@ -141,22 +145,28 @@ pub enum DeletionPolicy {
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct KubernetesAuthRole {
-    /// Role name.
-    #[schemars(regex(pattern = r"^[A-Za-z0-9_.@-]+$"), length(min = 1, max = 128))]
+    /// Role name (one path segment, not `.` or `..`).
+    #[schemars(regex(pattern = NAME_PATTERN), length(min = 1, max = MAX_NAME))]
     pub name: String,
     /// Kubernetes auth mount. Default `kubernetes`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$"))]
+    #[schemars(regex(pattern = PATH_PATTERN), length(max = MAX_NAME))]
     pub mount: Option<String>,
     /// ServiceAccount names allowed to log in (`*` for any).
-    #[schemars(length(min = 1, max = 256))]
+    #[schemars(
+        length(min = 1, max = 256),
+        inner(regex(pattern = BOUND_PATTERN), length(min = 1, max = MAX_KUBE_NAME))
+    )]
     pub bound_service_account_names: Vec<String>,
     /// Namespaces allowed to log in (`*` for any).
-    #[schemars(length(min = 1, max = 256))]
+    #[schemars(
+        length(min = 1, max = 256),
+        inner(regex(pattern = BOUND_PATTERN), length(min = 1, max = MAX_KUBE_NAME))
+    )]
     pub bound_service_account_namespaces: Vec<String>,
     /// Token TTL (e.g. `1h`). Default: the mount's.
     #[serde(default, rename = "tokenTTL", skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^([0-9]+(s|m|h))+$"))]
+    #[schemars(regex(pattern = TTL_PATTERN), length(max = MAX_DURATION_TEXT))]
     pub token_ttl: Option<String>,
     /// Token maximum TTL (e.g. `24h`). Default: the mount's.
     #[serde(
@@ -164,12 +174,20 @@ pub struct KubernetesAuthRole {
         rename = "tokenMaxTTL",
         skip_serializing_if = "Option::is_none"
     )]
-    #[schemars(regex(pattern = r"^([0-9]+(s|m|h))+$"))]
+    #[schemars(regex(pattern = TTL_PATTERN), length(max = MAX_DURATION_TEXT))]
     pub token_max_ttl: Option<String>,
     /// Audience the ServiceAccount token must carry. Default: none checked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
     pub audience: Option<String>,
+    /// Take over a role of this name that KubeBao did not create. Default false: such a role is
+    /// left alone and the BaoPolicy reports Stalled with reason NotOwned.
+    #[serde(default)]
+    pub adopt: bool,
 }
+
+/// A bound ServiceAccount name or namespace: a Kubernetes name, optionally with `*` globs.
+const BOUND_PATTERN: &str = r"^[-a-z0-9.*]+$";
 
 /// What the operator last did with a BaoPolicy.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
@@ -184,7 +202,8 @@ pub struct BaoPolicyStatus {
     /// The policy name in OpenBao this object manages (set once KubeBao owns it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy_name: Option<String>,
-    /// Roles written, as `<mount>/<name>`, so removed ones can be deleted.
+    /// Roles this BaoPolicy owns in OpenBao, as `<mount>/<name>`, so removed ones can be deleted
+    /// (also recorded in the policy's marker line).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub roles: Vec<String>,
     /// SHA-256 of the rendered HCL last written.

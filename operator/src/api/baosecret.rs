@@ -6,6 +6,11 @@ use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 use super::Condition;
+use super::checks::{
+    INTERVAL_PATTERN, KUBE_NAME_PATTERN, MAX_DURATION_TEXT, MAX_KUBE_NAME, NAMESPACE_PATTERN,
+    SECRET_KEY_PATTERN, SECRET_TYPE_PATTERN,
+};
+use crate::openbao_path::{MAX_NAME, MAX_PATH, NAME_PATTERN, PATH_PATTERN, SECRET_PATH_PATTERN};
 
 /// Copies one OpenBao KV secret into a Kubernetes Secret in the same namespace and keeps it fresh.
 #[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
@@ -28,11 +33,9 @@ use super::Condition;
 #[serde(rename_all = "camelCase")]
 pub struct BaoSecretSpec {
     /// OpenBao API path of the KV secret: `<mount>/data/<path>` for KV v2 (e.g.
-    /// `secret/data/myapp`), `<mount>/<path>` for KV v1.
-    #[schemars(
-        regex(pattern = r"^[A-Za-z0-9_.+@=-]+(/[A-Za-z0-9_.+@=-]+)+$"),
-        length(max = 512)
-    )]
+    /// `secret/data/myapp`), `<mount>/<path>` for KV v1. Letters, digits and `_ . + @ = -`
+    /// between single slashes; no `.` or `..` segment.
+    #[schemars(regex(pattern = SECRET_PATH_PATTERN), length(max = MAX_PATH))]
     pub secret_path: String,
     /// KV engine version (1 or 2). Default: 2 when the path has a `/data/` segment, else 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -46,26 +49,23 @@ pub struct BaoSecretSpec {
     #[x_kube(validation = kube::core::Rule::new("self.all(k, self.exists_one(j, (has(j.to) ? j.to : j.from) == (has(k.to) ? k.to : k.from)))").message("two keys map to the same Secret key"))]
     pub keys: Option<Vec<KeyMapping>>,
     /// How often to check OpenBao for a new version (Go duration such as `30s`, `5m`, `1h`).
-    /// Default `1h`.
+    /// Default `1h`; at least `1s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    #[schemars(regex(pattern = INTERVAL_PATTERN), length(max = MAX_DURATION_TEXT))]
     pub refresh_interval: Option<String>,
     /// OpenBao Kubernetes-auth role to log in as. Default: the BaoSecret's namespace name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^[A-Za-z0-9_.@-]+$"), length(max = 128))]
+    #[schemars(regex(pattern = NAME_PATTERN), length(max = MAX_NAME))]
     pub role: Option<String>,
     /// ServiceAccount in the BaoSecret's namespace whose token is used for the login.
     /// Default `default`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(
-        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"),
-        length(max = 253)
-    )]
+    #[schemars(regex(pattern = KUBE_NAME_PATTERN), length(max = MAX_KUBE_NAME))]
     pub service_account_name: Option<String>,
     /// Mount of OpenBao's Kubernetes auth method. Default: the operator's `--auth-mount`
     /// (`kubernetes`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$"))]
+    #[schemars(regex(pattern = PATH_PATTERN), length(max = MAX_NAME))]
     pub auth_mount: Option<String>,
     /// Audience of the ServiceAccount token requested for the login. Default: the operator's
     /// `--token-audience` (`openbao`).
@@ -83,28 +83,33 @@ pub struct BaoSecretSpec {
 #[serde(rename_all = "camelCase")]
 pub struct SecretTarget {
     /// Name of the Secret.
-    #[schemars(
-        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"),
-        length(max = 253)
-    )]
+    #[schemars(regex(pattern = KUBE_NAME_PATTERN), length(max = MAX_KUBE_NAME))]
     pub name: String,
     /// Namespace of the Secret. Optional; when set it must be the BaoSecret's own namespace
     /// (anything else is refused: the object goes Stalled with reason CrossNamespaceTarget and
     /// nothing is written).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = NAMESPACE_PATTERN), length(max = 63))]
     pub namespace: Option<String>,
-    /// Secret type (e.g. `Opaque`, `kubernetes.io/tls`). Default `Opaque`.
+    /// Secret type (e.g. `Opaque`, `kubernetes.io/tls`). Default `Opaque`. Types Kubernetes
+    /// itself acts on (`kubernetes.io/service-account-token`, `bootstrap.kubernetes.io/token`)
+    /// are refused: a BaoSecret may not make Kubernetes mint credentials.
     #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = SECRET_TYPE_PATTERN), length(max = MAX_KUBE_NAME))]
+    #[x_kube(validation = kube::core::Rule::new("!(self in ['kubernetes.io/service-account-token', 'bootstrap.kubernetes.io/token'])").message("target.type may not be a type Kubernetes acts on (service-account-token, bootstrap token): a BaoSecret may not make Kubernetes mint credentials"))]
     pub type_: Option<String>,
     /// Labels to put on the Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxProperties" = 64))]
     pub labels: Option<BTreeMap<String, String>>,
     /// Annotations to put on the Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxProperties" = 64))]
     pub annotations: Option<BTreeMap<String, String>>,
     /// Who owns the Secret: `Owner` (created and owned; deleted with the BaoSecret), `Merge`
-    /// (an existing Secret; only the managed keys are written), `Orphan` (created, kept when the
-    /// BaoSecret is deleted). Default `Owner`.
+    /// (an existing Secret that opts in with the annotation `kubebao.io/allow-merge-from:
+    /// <this BaoSecret's name>`; only the managed keys are written), `Orphan` (created, kept when
+    /// the BaoSecret is deleted). Default `Owner`.
     #[serde(default)]
     pub creation_policy: CreationPolicy,
 }
@@ -117,7 +122,8 @@ pub enum CreationPolicy {
     /// The BaoSecret owns the Secret; Kubernetes deletes it with the BaoSecret.
     #[default]
     Owner,
-    /// The Secret exists already; the managed keys are merged into it.
+    /// The Secret exists already and allows it (annotation `kubebao.io/allow-merge-from`); the
+    /// managed keys are merged into it.
     Merge,
     /// The Secret is created but not owned; it stays when the BaoSecret is deleted.
     Orphan,
@@ -132,7 +138,7 @@ pub struct KeyMapping {
     pub from: String,
     /// Key in the Kubernetes Secret. Default: the same as `from`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]+$"), length(max = 253))]
+    #[schemars(regex(pattern = SECRET_KEY_PATTERN), length(max = MAX_KUBE_NAME))]
     pub to: Option<String>,
 }
 
@@ -143,10 +149,7 @@ pub struct RolloutTarget {
     /// Workload kind.
     pub kind: WorkloadKind,
     /// Workload name, in the BaoSecret's namespace.
-    #[schemars(
-        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"),
-        length(max = 253)
-    )]
+    #[schemars(regex(pattern = KUBE_NAME_PATTERN), length(max = MAX_KUBE_NAME))]
     pub name: String,
 }
 

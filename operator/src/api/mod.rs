@@ -4,6 +4,7 @@
 
 pub mod baopolicy;
 pub mod baosecret;
+pub mod checks;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{CustomResourceExt, KubeSchema};

@@ -4,8 +4,10 @@
 
 use reqwest::Method;
 use serde_json::{Value, json};
-use sha2::{Digest as _, Sha256};
 
+use std::time::Duration;
+
+use kubebao_openbao::duration::{self, Bounds};
 use kubebao_openbao::{OpenBao, PolicyWrite, SecretString, TransitKey};
 
 use crate::installation::types::KmsSpec;
@@ -37,33 +39,6 @@ pub fn plugin_role_name(kms: &KmsSpec) -> String {
     kms.key_name.clone()
 }
 
-/// The key_id the KMS plugin reports for `version` (same derivation as
-/// `agents/kms/src/envelope.rs`: `kb1-` + 128 bits of SHA-256 over the length-prefixed format
-/// tag, mount, key name, version and that version's creation time as OpenBao reports it).
-pub fn key_id(mount: &str, name: &str, version: u64, created: &str) -> String {
-    let mut h = Sha256::new();
-    for part in [
-        "kubebao-kms/key-id/v1",
-        mount,
-        name,
-        &version.to_string(),
-        created,
-    ] {
-        h.update((part.len() as u64).to_be_bytes());
-        h.update(part.as_bytes());
-    }
-    format!("kb1-{}", hex::encode(&h.finalize()[..16]))
-}
-
-/// The key_id of the key's latest version.
-pub fn current_key_id(mount: &str, key: &TransitKey) -> Option<String> {
-    let latest = key
-        .versions
-        .iter()
-        .find(|v| v.version == key.latest_version)?;
-    Some(key_id(mount, &key.name, latest.version, &latest.created))
-}
-
 /// The plugin's policy: encrypt, decrypt and read metadata of its one key; nothing else.
 pub fn policy_hcl(kms: &KmsSpec) -> String {
     let (m, k) = (&kms.transit_mount, &kms.key_name);
@@ -75,20 +50,25 @@ pub fn policy_hcl(kms: &KmsSpec) -> String {
     )
 }
 
-/// Parses an OpenBao duration (`720h`, `30m`, `3600s`, `7d`, `3600`, `0`) into seconds.
-pub fn duration_seconds(text: &str) -> Option<u64> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().ok()?;
-    let mul = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        _ => return None,
+/// Longest `kms.rotationPeriod` (0 turns rotation off).
+const ROTATION_PERIOD: Bounds = Bounds::new(Duration::ZERO, Duration::from_secs(10 * 8760 * 3600));
+
+/// `kms.rotationPeriod` in seconds: 0 (off) or at least an hour.
+fn rotation_period_seconds(kms: &KmsSpec) -> Result<u64> {
+    let refused = |why: String| {
+        PrepareError::Refused(format!(
+            "kms.rotationPeriod {why}; use 0 (off) or a duration of at least 1h, e.g. 720h"
+        ))
     };
-    n.checked_mul(mul)
+    let period = duration::parse(&kms.rotation_period, ROTATION_PERIOD)
+        .map_err(|e| refused(e.to_string()))?;
+    if !period.is_zero() && period < Duration::from_secs(3600) {
+        return Err(refused(format!(
+            "{:?} is shorter than 1h",
+            kms.rotation_period
+        )));
+    }
+    Ok(period.as_secs())
 }
 
 /// Checks names that go into OpenBao paths (no injection through `..`, spaces or quotes).
@@ -119,16 +99,7 @@ pub fn validate(kms: &KmsSpec) -> Result<()> {
             kms.key_name
         )));
     }
-    match duration_seconds(&kms.rotation_period) {
-        Some(0) => {}
-        Some(s) if s >= 3600 => {}
-        _ => {
-            return Err(PrepareError::Refused(format!(
-                "kms.rotationPeriod {:?} must be 0 (off) or a duration of at least 1h, e.g. 720h",
-                kms.rotation_period
-            )));
-        }
-    }
+    rotation_period_seconds(kms)?;
     if kms.secret_id_ttl_seconds < 600 {
         return Err(PrepareError::Refused(
             "kms.secretIdTtlSeconds must be at least 600".into(),
@@ -206,7 +177,7 @@ pub async fn ensure_transit_key(
 ) -> Result<TransitKey> {
     ensure_mounted(bao, token, false, &kms.transit_mount, "transit").await?;
     let (mount, name) = (&kms.transit_mount, &kms.key_name);
-    let period = duration_seconds(&kms.rotation_period).unwrap_or(0);
+    let period = rotation_period_seconds(kms)?;
     let key = match bao.transit_key(token, mount, name).await {
         Ok(k) => k,
         Err(kubebao_openbao::Error::NotFound { .. }) => {
@@ -371,16 +342,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn key_id_matches_the_kms_plugin_golden_derivation() {
-        // The plugin's derivation (agents/kms/src/envelope.rs): same inputs, same id.
-        let id = key_id("transit", "kubebao-kms", 3, "1700000000");
-        assert!(id.starts_with("kb1-") && id.len() == 36, "{id}");
-        assert_eq!(id, key_id("transit", "kubebao-kms", 3, "1700000000"));
-        assert_ne!(id, key_id("transit", "kubebao-kms", 4, "1700000000"));
-        assert_ne!(id, key_id("transit", "kubebao-kms", 3, "1700000001"));
-    }
-
-    #[test]
     fn the_policy_grants_only_encrypt_decrypt_and_read_on_the_one_key() {
         let kms = KmsSpec::default();
         let hcl = policy_hcl(&kms);
@@ -392,11 +353,21 @@ mod tests {
     }
 
     #[test]
-    fn durations_parse() {
-        assert_eq!(duration_seconds("720h"), Some(720 * 3600));
-        assert_eq!(duration_seconds("0"), Some(0));
-        assert_eq!(duration_seconds("7d"), Some(7 * 86400));
-        assert_eq!(duration_seconds("5 parsecs"), None);
+    fn rotation_period_is_off_or_at_least_an_hour() {
+        let kms = |p: &str| KmsSpec {
+            rotation_period: p.into(),
+            ..Default::default()
+        };
+        assert_eq!(rotation_period_seconds(&kms("720h")).unwrap(), 720 * 3600);
+        assert_eq!(rotation_period_seconds(&kms("0")).unwrap(), 0);
+        assert_eq!(rotation_period_seconds(&kms("7d")).unwrap(), 7 * 86400);
+        for bad in ["5 parsecs", "30m", "99999999999999999999h", ""] {
+            let e = rotation_period_seconds(&kms(bad)).unwrap_err().to_string();
+            assert!(
+                e.contains("kms.rotationPeriod") && e.contains("720h"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

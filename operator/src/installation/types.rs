@@ -199,6 +199,19 @@ pub struct KmsSpec {
     /// objects are deleted anyway, in seconds.
     #[serde(default = "default_uninstall_grace")]
     pub uninstall_grace_seconds: u64,
+    /// Move every Secret off KMS encryption, the safe way to remove the plugin: the nodes get an
+    /// EncryptionConfiguration with `identity` first (kube-apiserver writes plaintext and still
+    /// reads KMS data), every Secret is rewritten, then the nodes get an `identity`-only one.
+    /// `KMSMigratedOff=True` says it is done; only then does deletion or `enabled: false` remove
+    /// the plugin. Setting it back to false encrypts again (new writes; rotate to rewrite all).
+    #[serde(default)]
+    pub migrate_off: bool,
+    /// How long kube-apiserver takes to use a changed EncryptionConfiguration once every
+    /// control-plane node has it, in seconds. With `--encryption-provider-config-automatic-reload=true`
+    /// it re-reads the file every 60 s; without it, restart every API server within this time.
+    /// A migration off KMS waits this long before rewriting Secrets and before it reports done.
+    #[serde(default = "default_api_server_reload")]
+    pub api_server_reload_seconds: u64,
 }
 
 impl Default for KmsSpec {
@@ -257,7 +270,8 @@ pub struct KubeBaoInstallationStatus {
     /// The generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// OpenBaoReady, KMSReady, CSIReady, Ready, Reconciling, Stalled.
+    /// OpenBaoReady, KMSReady, CSIReady, KMSMigratedOff (while `kms.migrateOff`), Ready,
+    /// Reconciling, Stalled.
     #[serde(default)]
     pub conditions: Vec<Condition>,
     /// Latest version of the Transit key.
@@ -275,17 +289,26 @@ pub struct KubeBaoInstallationStatus {
     /// When the operator first saw the current key_id (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_id_since: Option<String>,
-    /// When deletion started asking the node installers to remove their files (RFC 3339).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// When deletion (or disabling the plugin) started asking the node installers to remove
+    /// their files (RFC 3339).
+    #[serde(default)]
     pub uninstall_started: Option<String>,
+    /// True once a node installer confirmed installing an EncryptionConfiguration that reads
+    /// Secrets through the plugin. From then on the plugin is removed only after a migration
+    /// off KMS (`kms.migrateOff`): kube-apiserver may need it to read every Secret.
+    #[serde(default)]
+    pub kms_config_installed: bool,
+    /// Progress of the migration off KMS (`kms.migrateOff`).
+    #[serde(default)]
+    pub migration: Option<MigrationStatus>,
     /// When the plugin's current AppRole secret_id expires (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_id_expires: Option<String>,
-    /// The KMS node installer rollout.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The KMS node installer rollout (null once the plugin is removed).
+    #[serde(default)]
     pub kms: Option<RolloutStatus>,
-    /// The CSI provider rollout.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The CSI provider rollout (null once the provider is removed).
+    #[serde(default)]
     pub csi: Option<RolloutStatus>,
     /// Progress of rewriting Secrets under the new key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -306,20 +329,61 @@ pub struct RolloutStatus {
     pub summary: String,
 }
 
-/// Rewriting Secrets after a rotation.
+/// Rewriting every Secret (after a rotation, or off KMS), in Secret key order.
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct RewriteStatus {
-    /// The key_id Secrets are being rewritten to.
+    /// The key_id Secrets are being rewritten to (`identity` when migrating off KMS).
     pub key_id: String,
     /// Secrets in the cluster when the rewrite started.
     pub total: u64,
-    /// Secrets rewritten so far.
+    /// Secrets rewritten (or found deleted) so far.
     pub done: u64,
-    /// Secrets that could not be rewritten (deleted meanwhile are not counted).
+    /// Secrets whose rewrite failed and is retried (deleted meanwhile are not failures).
     pub failed: u64,
-    /// True once every Secret was rewritten.
+    /// True once every Secret that existed at the start was rewritten or deleted.
     pub complete: bool,
+    /// The last Secret done (`namespace/name`); the rewrite goes on with the Secrets after it
+    /// in key order, so Secrets created or deleted meanwhile never make it skip one.
+    #[serde(default)]
+    pub after: Option<String>,
+    /// Secrets (`namespace/name`) to retry, at most 100; more failures mean another pass.
+    #[serde(default)]
+    pub retry: Vec<String>,
+    /// The Secret list's resourceVersion when the rewrite started: a Secret written since then
+    /// (a newer resourceVersion) was written with the current configuration and is skipped.
+    #[serde(default)]
+    pub start_resource_version: Option<String>,
+}
+
+/// Migrating every Secret off KMS encryption (`kms.migrateOff`).
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationStatus {
+    /// The EncryptionConfiguration the nodes get: `IdentityFirst` (plaintext writes, KMS still
+    /// read) while Secrets are rewritten, then `IdentityOnly`.
+    pub stage: MigrationStage,
+    /// The installer bundle hash the nodes must confirm for this stage.
+    pub config_hash: String,
+    /// When every control-plane node confirmed that bundle (RFC 3339); kube-apiserver uses it
+    /// `kms.apiServerReloadSeconds` later.
+    #[serde(default)]
+    pub confirmed_at: Option<String>,
+    /// Rewriting every Secret as plaintext (stage `IdentityFirst`).
+    #[serde(default)]
+    pub rewrite: Option<RewriteStatus>,
+    /// True once no Secret is stored KMS-encrypted and kube-apiserver no longer uses the plugin.
+    pub complete: bool,
+}
+
+/// Which EncryptionConfiguration a migration off KMS has reached.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq, Default)]
+pub enum MigrationStage {
+    /// `identity` first, the KMS plugin second: plaintext writes, KMS data still readable.
+    #[default]
+    IdentityFirst,
+    /// `identity` only: nothing reads through the plugin any more.
+    IdentityOnly,
 }
 
 /// Compute resources of a container (the Kubernetes `resources` shape, quantities as strings).
@@ -465,6 +529,9 @@ fn default_rewrite_delay() -> u64 {
 }
 fn default_uninstall_grace() -> u64 {
     300
+}
+fn default_api_server_reload() -> u64 {
+    120
 }
 fn default_provider_dir() -> String {
     "/var/run/secrets-store-csi-providers".into()

@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret, ServiceAccount};
 use kube::api::ObjectMeta;
 use serde_json::json;
 
+use crate::installation::render::encryption_config::Providers;
 use crate::installation::render::{
     CONFIG_HASH_ANNOTATION, Context, encryption_config, hash_of, join, kms_config, labels,
     selector, static_pod,
@@ -43,53 +44,78 @@ pub fn state_path(spec: &KubeBaoInstallationSpec) -> String {
 
 /// `plan.json`: which bundle file goes where, in the order written. The static-pod manifest
 /// comes last, so the kubelet never starts the plugin before its config and credentials exist.
-pub fn plan(spec: &KubeBaoInstallationSpec, ctx: &Context, action: Action) -> serde_json::Value {
+/// An uninstall removes every file; after a migration off KMS (`IdentityOnly`) it keeps the
+/// `identity`-only EncryptionConfiguration, so kube-apiserver still starts with its flag.
+pub fn plan(
+    spec: &KubeBaoInstallationSpec,
+    ctx: &Context,
+    action: Action,
+    providers: Providers,
+) -> serde_json::Value {
     let kms = &spec.kms;
-    let mut files = Vec::new();
-    let mut file = |name: &str, source: &str, path: String, mode: u32| {
-        files.push(json!({"name": name, "source": source, "path": path, "mode": mode}));
-    };
-    if ctx.ca_pem.is_some() {
-        file(
-            kms_config::CA_FILE,
-            "config",
-            join(&kms.config_dir, kms_config::CA_FILE),
-            0o644,
-        );
-    }
-    for f in [kms_config::ROLE_ID_FILE, kms_config::SECRET_ID_FILE] {
-        file(f, "secret", kms_config::credential_path(spec, f), 0o600);
-    }
-    file(
-        kms_config::FILE_NAME,
-        "config",
-        kms_config::config_path(spec),
-        0o600,
-    );
-    file(
+    let entry = |name: &str, source: &str, path: String, mode: u32| json!({"name": name, "source": source, "path": path, "mode": mode});
+    let encryption = entry(
         encryption_config::FILE_NAME,
         "config",
         join(&kms.config_dir, encryption_config::FILE_NAME),
         0o600,
     );
-    file(
+    if action == Action::Uninstall {
+        let keep = match providers {
+            Providers::IdentityOnly => vec![encryption],
+            Providers::KmsFirst | Providers::IdentityFirst => vec![],
+        };
+        return json!({
+            "action": "uninstall",
+            "state_path": state_path(spec),
+            "files": [],
+            "keep": keep,
+        });
+    }
+    let mut files = Vec::new();
+    if ctx.ca_pem.is_some() {
+        files.push(entry(
+            kms_config::CA_FILE,
+            "config",
+            join(&kms.config_dir, kms_config::CA_FILE),
+            0o644,
+        ));
+    }
+    for f in [kms_config::ROLE_ID_FILE, kms_config::SECRET_ID_FILE] {
+        files.push(entry(
+            f,
+            "secret",
+            kms_config::credential_path(spec, f),
+            0o600,
+        ));
+    }
+    files.push(entry(
+        kms_config::FILE_NAME,
+        "config",
+        kms_config::config_path(spec),
+        0o600,
+    ));
+    files.push(encryption);
+    files.push(entry(
         static_pod::FILE_NAME,
         "config",
         join(&kms.manifest_dir, static_pod::FILE_NAME),
         0o600,
-    );
+    ));
     json!({
-        "action": match action { Action::Install => "install", Action::Uninstall => "uninstall" },
+        "action": "install",
         "state_path": state_path(spec),
         "files": files,
     })
 }
 
-/// The bundle ConfigMap's data: every non-secret file and `plan.json`.
+/// The bundle ConfigMap's data: every non-secret file and `plan.json`; the EncryptionConfiguration
+/// lists `providers`.
 pub fn bundle(
     spec: &KubeBaoInstallationSpec,
     ctx: &Context,
     action: Action,
+    providers: Providers,
 ) -> BTreeMap<String, String> {
     let mut data = BTreeMap::new();
     let pod_hash = static_pod::config_hash(spec, ctx);
@@ -100,14 +126,14 @@ pub fn bundle(
     data.insert(kms_config::FILE_NAME.into(), kms_config::render(spec, ctx));
     data.insert(
         encryption_config::FILE_NAME.into(),
-        encryption_config::render(&spec.kms),
+        encryption_config::render(&spec.kms, providers),
     );
     if let Some(ca) = &ctx.ca_pem {
         data.insert(kms_config::CA_FILE.into(), ca.clone());
     }
     data.insert(
         "plan.json".into(),
-        serde_json::to_string_pretty(&plan(spec, ctx, action)).expect("plan serialises"),
+        serde_json::to_string_pretty(&plan(spec, ctx, action, providers)).expect("plan serialises"),
     );
     data
 }
@@ -260,7 +286,7 @@ mod tests {
     #[test]
     fn installer_daemonset_matches_the_snapshot() {
         let (spec, ctx) = example();
-        let hash = bundle_hash(&bundle(&spec, &ctx, Action::Install));
+        let hash = bundle_hash(&bundle(&spec, &ctx, Action::Install, Providers::KmsFirst));
         assert_snapshot(
             "installer-daemonset.yaml",
             &to_yaml(&daemonset(&spec, &ctx, &hash)),
@@ -272,7 +298,7 @@ mod tests {
         let (spec, ctx) = example();
         assert_snapshot(
             "plan.json",
-            &bundle(&spec, &ctx, Action::Install)["plan.json"],
+            &bundle(&spec, &ctx, Action::Install, Providers::KmsFirst)["plan.json"],
         );
     }
 
@@ -303,28 +329,57 @@ mod tests {
     #[test]
     fn a_spec_change_changes_the_bundle_hash() {
         let (mut spec, ctx) = example();
-        let before = bundle_hash(&bundle(&spec, &ctx, Action::Install));
+        let before = bundle_hash(&bundle(&spec, &ctx, Action::Install, Providers::KmsFirst));
         spec.kms.image = "example.com/kubebao:2".into();
-        assert_ne!(before, bundle_hash(&bundle(&spec, &ctx, Action::Install)));
+        assert_ne!(
+            before,
+            bundle_hash(&bundle(&spec, &ctx, Action::Install, Providers::KmsFirst))
+        );
     }
 
     #[test]
     fn uninstalling_changes_the_hash_so_every_node_gets_the_new_plan() {
         let (spec, ctx) = example();
         assert_ne!(
-            bundle_hash(&bundle(&spec, &ctx, Action::Install)),
-            bundle_hash(&bundle(&spec, &ctx, Action::Uninstall))
+            bundle_hash(&bundle(&spec, &ctx, Action::Install, Providers::KmsFirst)),
+            bundle_hash(&bundle(&spec, &ctx, Action::Uninstall, Providers::KmsFirst))
         );
     }
 
     #[test]
     fn the_manifest_is_written_last() {
         let (spec, ctx) = example();
-        let plan = plan(&spec, &ctx, Action::Install);
+        let plan = plan(&spec, &ctx, Action::Install, Providers::KmsFirst);
         let files = plan["files"].as_array().unwrap();
         assert_eq!(
             files.last().unwrap()["path"],
             "/etc/kubernetes/manifests/kubebao-kms.yaml"
         );
+    }
+
+    #[test]
+    fn a_migration_off_kms_changes_the_hash_and_an_uninstall_after_it_keeps_identity_only() {
+        let (spec, ctx) = example();
+        let hash = |p| bundle_hash(&bundle(&spec, &ctx, Action::Install, p));
+        assert_ne!(hash(Providers::KmsFirst), hash(Providers::IdentityFirst));
+        assert_ne!(
+            hash(Providers::IdentityFirst),
+            hash(Providers::IdentityOnly)
+        );
+        let removal = plan(&spec, &ctx, Action::Uninstall, Providers::KmsFirst);
+        assert_eq!(removal["action"], "uninstall");
+        assert_eq!(
+            removal["keep"],
+            json!([]),
+            "removes everything it installed"
+        );
+        let after = plan(&spec, &ctx, Action::Uninstall, Providers::IdentityOnly);
+        assert_eq!(
+            after["keep"][0]["path"],
+            "/etc/kubebao/encryption-config.yaml"
+        );
+        assert_eq!(after["keep"].as_array().unwrap().len(), 1);
+        let b = bundle(&spec, &ctx, Action::Uninstall, Providers::IdentityOnly);
+        assert!(!b["encryption-config.yaml"].contains("kms:"));
     }
 }

@@ -1,0 +1,492 @@
+//! What one BaoSecret sync reads and writes, decided without I/O: from the spec, the last check
+//! (in memory), the observed target Secret and, after the read, the data from OpenBao. The
+//! steps in `steps.rs` carry it out.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac};
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use serde_json::Value;
+use sha2::Sha256;
+
+use super::{KEYS_ANNOTATION, LABEL, MERGE_ANNOTATION};
+use crate::api::baosecret::{BaoSecretSpec, KeyMapping};
+use crate::api::checks::{self, TargetTypeError};
+use crate::api::{BaoSecret, CreationPolicy};
+use crate::conditions::Outcome;
+use crate::openbao_path::{self, Shape};
+use kubebao_openbao::duration::{self, Bounds};
+
+/// How often OpenBao is checked when the spec does not say.
+const DEFAULT_REFRESH: Duration = Duration::from_secs(3600);
+
+/// The last successful check of one BaoSecret (in memory: a restart costs one read each).
+#[derive(Clone, Debug)]
+pub struct Check {
+    /// When it was made.
+    pub at: Instant,
+    /// The BaoSecret's uid (a re-created BaoSecret starts afresh).
+    pub uid: String,
+    /// The BaoSecret's generation that was synced.
+    pub generation: Option<i64>,
+    /// Data hash written (see [`data_hash`]).
+    pub hash: String,
+    /// KV v2 version read.
+    pub kv_version: Option<u64>,
+    /// The role may not read KV metadata: read data directly.
+    pub metadata_denied: bool,
+    /// resourceVersion of the Secret as last written or verified by us.
+    pub secret_rv: Option<String>,
+}
+
+/// A failed sync: `stalled` when only a change by someone can fix it, else retried.
+pub fn failed(stalled: bool, reason: &str, message: impl Into<String>) -> Outcome {
+    let (reason, message) = (reason.to_string(), message.into());
+    if stalled {
+        Outcome::Stalled { reason, message }
+    } else {
+        Outcome::Retrying { reason, message }
+    }
+}
+
+/// The parts of a BaoSecret's spec that are checked before anything is read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncSpec {
+    /// How often OpenBao is checked.
+    pub refresh: Duration,
+    /// Where the KV data (and metadata) is.
+    pub location: KvLocation,
+}
+
+/// Checks every spec field a sync uses before anything is read or written: the target's
+/// namespace and type, every name, `refreshInterval` and `secretPath`. Each refusal names the
+/// field (the CRD schema refuses the same values; this covers objects written around it).
+pub fn sync_spec(spec: &BaoSecretSpec, ns: &str) -> Result<SyncSpec, Outcome> {
+    if let Some(target_ns) = &spec.target.namespace
+        && target_ns != ns
+    {
+        return Err(failed(
+            true,
+            "CrossNamespaceTarget",
+            format!(
+                "target.namespace {target_ns:?} is not this BaoSecret's namespace {ns:?}; a BaoSecret writes only into its own namespace (remove target.namespace or create the BaoSecret in {target_ns:?})"
+            ),
+        ));
+    }
+    check_names(spec).map_err(|m| failed(true, "InvalidSpec", m))?;
+    if let Some(type_) = &spec.target.type_ {
+        checks::target_type("spec.target.type", type_).map_err(|e| match e {
+            TargetTypeError::Forbidden(m) => failed(true, "ForbiddenTargetType", m),
+            TargetTypeError::Invalid(m) => failed(true, "InvalidSpec", m),
+        })?;
+    }
+    let refresh = refresh_interval(spec.refresh_interval.as_deref())?;
+    let location =
+        locate(&spec.secret_path, spec.kv_version).map_err(|m| failed(true, "InvalidSpec", m))?;
+    Ok(SyncSpec { refresh, location })
+}
+
+/// The names in `spec`: Kubernetes names, Secret keys, OpenBao role and mount.
+fn check_names(spec: &BaoSecretSpec) -> Result<(), String> {
+    checks::kube_name("spec.target.name", &spec.target.name)?;
+    if let Some(sa) = &spec.service_account_name {
+        checks::kube_name("spec.serviceAccountName", sa)?;
+    }
+    if let Some(role) = &spec.role {
+        openbao_path::check("spec.role", role, Shape::Name).map_err(|e| e.to_string())?;
+    }
+    if let Some(mount) = &spec.auth_mount {
+        openbao_path::check("spec.authMount", mount, Shape::Path).map_err(|e| e.to_string())?;
+    }
+    for (i, t) in spec.rollout_restart_targets.iter().flatten().enumerate() {
+        checks::kube_name(&format!("spec.rolloutRestartTargets[{i}].name"), &t.name)?;
+    }
+    for (i, k) in spec.keys.iter().flatten().enumerate() {
+        if let Some(to) = &k.to {
+            checks::secret_key(&format!("spec.keys[{i}].to"), to)?;
+        }
+    }
+    Ok(())
+}
+
+/// `refreshInterval`: one hour when unset, at least one second.
+pub fn refresh_interval(spec: Option<&str>) -> Result<Duration, Outcome> {
+    let Some(s) = spec else {
+        return Ok(DEFAULT_REFRESH);
+    };
+    duration::parse(s, REFRESH_BOUNDS)
+        .map_err(|e| failed(true, "InvalidSpec", format!("refreshInterval: {e}")))
+}
+
+/// `refreshInterval`: at least a second (OpenBao's load), at most a year.
+const REFRESH_BOUNDS: Bounds =
+    Bounds::new(Duration::from_secs(1), Duration::from_secs(8760 * 3600));
+
+/// Where a `secretPath` points.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KvLocation {
+    /// 1 or 2.
+    pub version: u8,
+    /// API path of the data.
+    pub data_path: String,
+    /// API path of the KV v2 metadata.
+    pub metadata_path: Option<String>,
+}
+
+/// Checks `secretPath` (see `openbao_path`) and splits it into data and metadata API paths.
+pub fn locate(secret_path: &str, version: Option<u8>) -> Result<KvLocation, String> {
+    openbao_path::check("spec.secretPath", secret_path, Shape::Path).map_err(|e| e.to_string())?;
+    let path = secret_path;
+    if !path.contains('/') {
+        return Err(format!(
+            "spec.secretPath {secret_path:?} names a mount only: write <mount>/data/<path> (KV v2) or <mount>/<path> (KV v1)"
+        ));
+    }
+    let v2_split = path.split_once("/data/");
+    match (version, v2_split) {
+        (None | Some(2), Some((mount, rest))) if !rest.is_empty() => Ok(KvLocation {
+            version: 2,
+            data_path: path.to_string(),
+            metadata_path: Some(format!("{mount}/metadata/{rest}")),
+        }),
+        (Some(2), _) => Err(format!(
+            "spec.secretPath {secret_path:?} is not a KV v2 API path: write it as <mount>/data/<path>"
+        )),
+        _ => Ok(KvLocation {
+            version: 1,
+            data_path: path.to_string(),
+            metadata_path: None,
+        }),
+    }
+}
+
+/// HMAC-SHA256 of sorted key/value pairs.
+pub fn data_hash(key: &[u8], data: &BTreeMap<String, Vec<u8>>) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    for (k, v) in data {
+        mac.update(&(k.len() as u64).to_be_bytes());
+        mac.update(k.as_bytes());
+        mac.update(&(v.len() as u64).to_be_bytes());
+        mac.update(v);
+    }
+    format!("hmac-sha256:{}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// Picks and renames keys; non-string values are stored as their JSON text.
+pub fn select_keys(
+    data: &serde_json::Map<String, Value>,
+    keys: Option<&[KeyMapping]>,
+) -> Result<BTreeMap<String, Vec<u8>>, String> {
+    let bytes = |v: &Value| match v {
+        Value::String(s) => s.clone().into_bytes(),
+        other => other.to_string().into_bytes(),
+    };
+    match keys {
+        None => Ok(data.iter().map(|(k, v)| (k.clone(), bytes(v))).collect()),
+        Some(keys) => keys
+            .iter()
+            .map(|m| {
+                let v = data.get(&m.from).ok_or_else(|| {
+                    let mut have: Vec<&String> = data.keys().collect();
+                    have.sort();
+                    format!(
+                        "key {:?} is not in the OpenBao secret; it has {have:?}",
+                        m.from
+                    )
+                })?;
+                Ok((m.to.clone().unwrap_or_else(|| m.from.clone()), bytes(v)))
+            })
+            .collect(),
+    }
+}
+
+/// The keys of `secret` this operator manages (see [`KEYS_ANNOTATION`]); a missing key gets
+/// a value no real data has, so its hash differs.
+fn managed_data(secret: &Secret) -> BTreeMap<String, Vec<u8>> {
+    let keys: Vec<&str> = secret
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(KEYS_ANNOTATION))
+        .map(|k| k.split(',').filter(|k| !k.is_empty()).collect())
+        .unwrap_or_default();
+    let data = secret.data.clone().unwrap_or_default();
+    keys.into_iter()
+        .map(|k| {
+            (
+                k.to_string(),
+                data.get(k)
+                    .map(|b| b.0.clone())
+                    .unwrap_or_else(|| b"\0missing".to_vec()),
+            )
+        })
+        .collect()
+}
+
+/// The target Secret as observed before a sync.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// The metadata cache shows the resourceVersion we last wrote or verified: not read.
+    Unchanged {
+        /// That resourceVersion.
+        rv: Option<String>,
+    },
+    /// Read from the API: there is no such Secret.
+    Missing,
+    /// Read from the API.
+    Found {
+        /// The BaoSecret named by its [`LABEL`], if any.
+        owner: Option<String>,
+        /// The BaoSecrets its [`MERGE_ANNOTATION`] allows to merge into it.
+        merge_from: Vec<String>,
+        /// Its type.
+        type_: Option<String>,
+        /// Hash of the keys it says we manage.
+        hash: String,
+        /// Its resourceVersion.
+        rv: Option<String>,
+    },
+}
+
+impl Target {
+    /// The target as read from the API (`None`: not found).
+    pub fn read(secret: Option<&Secret>, hash_key: &[u8]) -> Target {
+        match secret {
+            None => Target::Missing,
+            Some(s) => Target::Found {
+                owner: s.labels().get(LABEL).cloned(),
+                merge_from: s
+                    .annotations()
+                    .get(MERGE_ANNOTATION)
+                    .map(|list| {
+                        list.split(',')
+                            .map(|n| n.trim().to_string())
+                            .filter(|n| !n.is_empty())
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                type_: s.type_.clone(),
+                hash: data_hash(hash_key, &managed_data(s)),
+                rv: s.resource_version(),
+            },
+        }
+    }
+}
+
+/// True when the cached resourceVersion is the one we last wrote or verified: no API read.
+pub fn unchanged(last: Option<&Check>, cached_rv: Option<&str>) -> bool {
+    cached_rv.is_some() && last.and_then(|c| c.secret_rv.as_deref()) == cached_rv
+}
+
+/// Refuses a Secret this BaoSecret may not write. Creating a BaoSecret must not give more than
+/// creating the Secret would: someone else's Secret is taken over only when it opts in itself
+/// (annotation [`MERGE_ANNOTATION`] naming this BaoSecret, with `Merge`), and never one whose
+/// type makes Kubernetes act on it.
+fn may_write(bs: &BaoSecret, target: &Target) -> Result<(), Outcome> {
+    let policy = bs.spec.target.creation_policy;
+    let name = &bs.spec.target.name;
+    let me = bs.name_any();
+    let Target::Found {
+        owner,
+        merge_from,
+        type_,
+        ..
+    } = target
+    else {
+        return match (target, policy) {
+            (Target::Missing, CreationPolicy::Merge) => Err(failed(
+                false,
+                "TargetNotFound",
+                format!(
+                    "creationPolicy Merge needs an existing Secret {name}; create it or use Owner"
+                ),
+            )),
+            _ => Ok(()),
+        };
+    };
+    if let Some(type_) = type_
+        && let Err(TargetTypeError::Forbidden(m)) =
+            checks::target_type(&format!("the type of Secret {name}"), type_)
+    {
+        return Err(failed(true, "ForbiddenTargetType", m));
+    }
+    match policy {
+        CreationPolicy::Merge if !merge_from.contains(&me) => Err(failed(
+            true,
+            "MergeNotAllowed",
+            format!(
+                "Secret {name} does not allow BaoSecret {me} to merge into it; whoever may edit that Secret can allow it: kubectl annotate secret {name} {MERGE_ANNOTATION}={me}"
+            ),
+        )),
+        CreationPolicy::Merge => Ok(()),
+        _ if owner.as_deref() != Some(me.as_str()) => Err(failed(
+            true,
+            "TargetExists",
+            format!(
+                "Secret {name} exists and is not managed by this BaoSecret; delete it, rename the target, or use creationPolicy: Merge with the annotation {MERGE_ANNOTATION}={me} on the Secret"
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// What a successful sync did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Synced {
+    /// KV v2 version the Secret holds.
+    pub kv_version: Option<u64>,
+    /// Data hash.
+    pub hash: String,
+    /// The Secret was written.
+    pub wrote: bool,
+    /// When to check again.
+    pub next: Duration,
+}
+
+/// The first thing to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Checked within the refresh interval and nothing changed: no OpenBao request.
+    UpToDate(Synced),
+    /// Ask OpenBao for the KV v2 metadata; read the data only if the version moved.
+    CheckMetadata {
+        /// API path of the metadata.
+        path: String,
+    },
+    /// Read the data.
+    ReadData,
+}
+
+/// What is known before OpenBao answers, and what to remember afterwards.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// Data hash of the last check, else of the status.
+    pub known_hash: Option<String>,
+    /// KV version of the last check, else of the status.
+    pub known_version: Option<u64>,
+    /// The Secret holds what we last wrote and the spec's generation was synced already.
+    pub settled: bool,
+    /// The role may not read KV metadata.
+    pub metadata_denied: bool,
+    /// The Secret's resourceVersion as observed (or written, once written).
+    pub secret_rv: Option<String>,
+    /// How often OpenBao is checked.
+    pub refresh: Duration,
+    uid: String,
+    generation: Option<i64>,
+}
+
+/// Decides what to ask OpenBao, if anything, for `bs` as of `now`.
+pub fn plan(
+    bs: &BaoSecret,
+    last: Option<&Check>,
+    target: &Target,
+    spec: &SyncSpec,
+    now: Instant,
+) -> Result<(Decision, Plan), Outcome> {
+    may_write(bs, target)?;
+    let status = bs.status.clone().unwrap_or_default();
+    let generation = bs.metadata.generation;
+    let known_hash = last.map(|c| c.hash.clone()).or(status.data_hash);
+    let generation_current = match last {
+        Some(c) => c.generation == generation,
+        None => status.observed_generation == generation,
+    };
+    let (intact, secret_rv) = match target {
+        Target::Unchanged { rv } => (true, rv.clone()),
+        Target::Missing => (false, None),
+        Target::Found { hash, rv, .. } => (Some(hash) == known_hash.as_ref(), rv.clone()),
+    };
+    let plan = Plan {
+        known_version: last.map_or(status.kv_version, |c| c.kv_version),
+        known_hash,
+        settled: intact && generation_current,
+        metadata_denied: last.is_some_and(|c| c.metadata_denied),
+        secret_rv,
+        refresh: spec.refresh,
+        uid: bs.uid().unwrap_or_default(),
+        generation,
+    };
+    let decision = match (last, &spec.location.metadata_path) {
+        (Some(c), _) if plan.settled && now.saturating_duration_since(c.at) < plan.refresh => {
+            Decision::UpToDate(Synced {
+                kv_version: c.kv_version,
+                hash: c.hash.clone(),
+                wrote: false,
+                next: plan.refresh - now.saturating_duration_since(c.at),
+            })
+        }
+        (_, Some(path)) if plan.settled && !plan.metadata_denied => {
+            Decision::CheckMetadata { path: path.clone() }
+        }
+        _ => Decision::ReadData,
+    };
+    Ok((decision, plan))
+}
+
+/// What the KV v2 metadata said.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Metadata {
+    /// The current version (if the answer had one).
+    Version(Option<u64>),
+    /// The role may not read metadata.
+    Denied,
+}
+
+/// What to do with data read from OpenBao.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WritePlan {
+    /// Write the Secret.
+    pub write: bool,
+    /// Restart the rollout targets.
+    pub restart: bool,
+}
+
+impl Plan {
+    /// After the metadata: `Some` when the version is the one the Secret holds (no data read),
+    /// `None` to read the data. A denied role reads data directly from then on (still one
+    /// request per refresh).
+    pub fn after_metadata(&mut self, metadata: Metadata) -> Option<Synced> {
+        match metadata {
+            Metadata::Version(v) if v.is_some() && v == self.known_version => Some(Synced {
+                kv_version: v,
+                hash: self.known_hash.clone().unwrap_or_default(),
+                wrote: false,
+                next: self.refresh,
+            }),
+            Metadata::Version(_) => None,
+            Metadata::Denied => {
+                self.metadata_denied = true;
+                None
+            }
+        }
+    }
+
+    /// After reading data with hash `hash`: write unless the Secret already holds it; restart
+    /// workloads only when the data changed from a known previous hash.
+    pub fn write_plan(&self, hash: &str) -> WritePlan {
+        let same = self.known_hash.as_deref() == Some(hash);
+        WritePlan {
+            write: !(self.settled && same),
+            restart: self.known_hash.is_some() && !same,
+        }
+    }
+
+    /// The check to remember after a sync that ended with `synced`, made at `at`.
+    pub fn check(&self, synced: &Synced, at: Instant) -> Check {
+        Check {
+            at,
+            uid: self.uid.clone(),
+            generation: self.generation,
+            hash: synced.hash.clone(),
+            kv_version: synced.kv_version,
+            metadata_denied: self.metadata_denied,
+            secret_rv: self.secret_rv.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

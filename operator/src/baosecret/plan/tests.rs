@@ -1,0 +1,587 @@
+//! The sync plan, without a cluster or OpenBao.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::*;
+
+const SECOND: Duration = Duration::from_secs(1);
+const HOUR: Duration = Duration::from_secs(3600);
+const METADATA: &str = "secret/metadata/team/app";
+
+fn baosecret(policy: &str, generation: i64) -> BaoSecret {
+    serde_json::from_value(json!({
+        "apiVersion": "kubebao.io/v1alpha1", "kind": "BaoSecret",
+        "metadata": {"name": "app", "namespace": "team", "uid": "uid-1", "generation": generation},
+        "spec": {
+            "secretPath": "secret/data/team/app",
+            "target": {"name": "app-secret", "creationPolicy": policy}
+        }
+    }))
+    .unwrap()
+}
+
+/// The BaoSecret as a restarted operator sees it: synced before, status written.
+fn with_status(mut bs: BaoSecret, hash: &str, kv_version: u64) -> BaoSecret {
+    bs.status = Some(crate::api::BaoSecretStatus {
+        data_hash: Some(hash.into()),
+        kv_version: Some(kv_version),
+        observed_generation: bs.metadata.generation,
+        ..Default::default()
+    });
+    bs
+}
+
+/// The check made at `at` for generation 1: hash `h1`, KV version 3, Secret at rv `10`.
+fn check(at: Instant) -> Check {
+    Check {
+        at,
+        uid: "uid-1".into(),
+        generation: Some(1),
+        hash: "h1".into(),
+        kv_version: Some(3),
+        metadata_denied: false,
+        secret_rv: Some("10".into()),
+    }
+}
+
+fn unchanged_target() -> Target {
+    Target::Unchanged {
+        rv: Some("10".into()),
+    }
+}
+
+fn found(owner: Option<&str>, hash: &str) -> Target {
+    Target::Found {
+        owner: owner.map(str::to_string),
+        merge_from: vec![],
+        type_: Some("Opaque".into()),
+        hash: hash.into(),
+        rv: Some("11".into()),
+    }
+}
+
+/// A Secret someone else created, allowing `merge_from` to merge into it, of type `type_`.
+fn foreign(merge_from: &[&str], type_: &str) -> Target {
+    Target::Found {
+        owner: None,
+        merge_from: merge_from.iter().map(|s| s.to_string()).collect(),
+        type_: Some(type_.into()),
+        hash: "x".into(),
+        rv: Some("11".into()),
+    }
+}
+
+fn decide(bs: &BaoSecret, last: Option<&Check>, target: &Target, now: Instant) -> (Decision, Plan) {
+    let spec = sync_spec(&bs.spec, "team").unwrap();
+    plan(bs, last, target, &spec, now).unwrap()
+}
+
+fn reason(result: Result<(Decision, Plan), Outcome>) -> (bool, String) {
+    let outcome = result.unwrap_err();
+    let stalled = matches!(outcome, Outcome::Stalled { .. });
+    (stalled, outcome.reason().to_string())
+}
+
+#[test]
+fn an_intact_secret_within_the_refresh_interval_needs_no_openbao_request() {
+    let t0 = Instant::now();
+    let last = check(t0);
+    let bs = baosecret("Owner", 1);
+    let (decision, _) = decide(&bs, Some(&last), &unchanged_target(), t0 + 10 * 60 * SECOND);
+    assert_eq!(
+        decision,
+        Decision::UpToDate(Synced {
+            kv_version: Some(3),
+            hash: "h1".into(),
+            wrote: false,
+            next: 50 * 60 * SECOND,
+        })
+    );
+}
+
+#[test]
+fn an_intact_secret_past_the_refresh_checks_metadata_first() {
+    let t0 = Instant::now();
+    let last = check(t0);
+    let bs = baosecret("Owner", 1);
+    let later = t0 + HOUR + SECOND;
+    let (decision, mut plan) = decide(&bs, Some(&last), &unchanged_target(), later);
+    assert_eq!(
+        decision,
+        Decision::CheckMetadata {
+            path: METADATA.into()
+        }
+    );
+    // Same version: done with this one request, remembered as checked now.
+    let synced = plan
+        .clone()
+        .after_metadata(Metadata::Version(Some(3)))
+        .unwrap();
+    assert_eq!(
+        (synced.hash.as_str(), synced.wrote, synced.next),
+        ("h1", false, HOUR)
+    );
+    let remembered = plan.check(&synced, later);
+    assert_eq!(
+        (remembered.at, remembered.secret_rv.as_deref()),
+        (later, Some("10"))
+    );
+    // A new version: read the data; new data is written and restarts workloads.
+    assert_eq!(plan.after_metadata(Metadata::Version(Some(4))), None);
+    assert_eq!(
+        plan.write_plan("h2"),
+        WritePlan {
+            write: true,
+            restart: true
+        }
+    );
+}
+
+#[test]
+fn a_restarted_operator_checks_metadata_first_when_the_secret_matches_the_status() {
+    let bs = with_status(baosecret("Owner", 1), "h1", 3);
+    let (decision, plan) = decide(&bs, None, &found(Some("app"), "h1"), Instant::now());
+    assert_eq!(
+        decision,
+        Decision::CheckMetadata {
+            path: METADATA.into()
+        }
+    );
+    assert_eq!(
+        (plan.known_version, plan.secret_rv.as_deref()),
+        (Some(3), Some("11"))
+    );
+    let (decision, _) = decide(&bs, None, &found(Some("app"), "edited"), Instant::now());
+    assert_eq!(decision, Decision::ReadData);
+}
+
+#[test]
+fn a_changed_generation_reads_data() {
+    let t0 = Instant::now();
+    let bs = baosecret("Owner", 2);
+    let (decision, plan) = decide(&bs, Some(&check(t0)), &unchanged_target(), t0);
+    assert_eq!(decision, Decision::ReadData);
+    // The spec changed (keys, labels, type…): written even when the data is the same.
+    assert_eq!(
+        plan.write_plan("h1"),
+        WritePlan {
+            write: true,
+            restart: false
+        }
+    );
+    let synced = Synced {
+        kv_version: Some(3),
+        hash: "h1".into(),
+        wrote: true,
+        next: HOUR,
+    };
+    assert_eq!(plan.check(&synced, t0).generation, Some(2));
+}
+
+#[test]
+fn an_edited_secret_is_rewritten_even_when_openbao_data_is_unchanged() {
+    let t0 = Instant::now();
+    let bs = baosecret("Owner", 1);
+    let (decision, plan) = decide(&bs, Some(&check(t0)), &found(Some("app"), "edited"), t0);
+    assert_eq!(decision, Decision::ReadData);
+    assert_eq!(
+        plan.write_plan("h1"),
+        WritePlan {
+            write: true,
+            restart: false
+        }
+    );
+    // A deleted Secret too.
+    let (decision, plan) = decide(&bs, Some(&check(t0)), &Target::Missing, t0);
+    assert_eq!(decision, Decision::ReadData);
+    assert_eq!(
+        plan.write_plan("h1"),
+        WritePlan {
+            write: true,
+            restart: false
+        }
+    );
+}
+
+#[test]
+fn a_secret_not_owned_by_this_baosecret_is_refused_unless_merge() {
+    let spec = sync_spec(&baosecret("Owner", 1).spec, "team").unwrap();
+    let now = Instant::now();
+    for owner in [None, Some("other")] {
+        for policy in ["Owner", "Orphan"] {
+            let bs = baosecret(policy, 1);
+            let result = plan(&bs, None, &found(owner, "x"), &spec, now);
+            assert_eq!(
+                reason(result),
+                (true, "TargetExists".into()),
+                "{policy} {owner:?}"
+            );
+        }
+    }
+    let merge = baosecret("Merge", 1);
+    let result = plan(&merge, None, &Target::Missing, &spec, now);
+    assert_eq!(reason(result), (false, "TargetNotFound".into()));
+    // Unchanged since we wrote it: not read, so not refused.
+    assert!(plan(&merge, None, &unchanged_target(), &spec, now).is_ok());
+}
+
+#[test]
+fn merge_needs_the_secrets_own_opt_in() {
+    let spec = sync_spec(&baosecret("Merge", 1).spec, "team").unwrap();
+    let now = Instant::now();
+    let merge = baosecret("Merge", 1);
+    // No annotation, or one naming another BaoSecret: refused, whoever labelled it.
+    for target in [
+        found(None, "x"),
+        found(Some("app"), "x"),
+        foreign(&["other"], "Opaque"),
+    ] {
+        let result = plan(&merge, None, &target, &spec, now);
+        assert_eq!(reason(result.clone()), (true, "MergeNotAllowed".into()));
+        let message = result.unwrap_err().message().to_string();
+        assert!(
+            message.contains("kubectl annotate secret app-secret kubebao.io/allow-merge-from=app"),
+            "{message}"
+        );
+    }
+    // The Secret names this BaoSecret (alone or in a list): merged.
+    for allowed in [&["app"][..], &["other", "app"][..]] {
+        let (decision, _) = decide(&merge, None, &foreign(allowed, "Opaque"), now);
+        assert_eq!(decision, Decision::ReadData);
+    }
+    let read = Target::read(
+        Some(
+            &serde_json::from_value(json!({
+                "metadata": {"name": "s", "annotations": {MERGE_ANNOTATION: "other, app"}},
+                "type": "kubernetes.io/tls"
+            }))
+            .unwrap(),
+        ),
+        b"k",
+    );
+    assert!(matches!(&read, Target::Found { merge_from, type_, .. }
+            if merge_from == &["other", "app"] && type_.as_deref() == Some("kubernetes.io/tls")));
+}
+
+#[test]
+fn secret_types_kubernetes_acts_on_are_never_targets() {
+    let now = Instant::now();
+    for forbidden in crate::api::checks::FORBIDDEN_TARGET_TYPES {
+        // Declared as the target type: refused before anything is read.
+        let mut bs = baosecret("Owner", 1);
+        bs.spec.target.type_ = Some(forbidden.into());
+        let e = sync_spec(&bs.spec, "team").unwrap_err();
+        assert_eq!(e.reason(), "ForbiddenTargetType");
+        assert!(
+            e.message().starts_with("spec.target.type "),
+            "{}",
+            e.message()
+        );
+        // An existing Secret of that type, even one that opts in to a merge.
+        let merge = baosecret("Merge", 1);
+        let spec = sync_spec(&merge.spec, "team").unwrap();
+        let result = plan(&merge, None, &foreign(&["app"], forbidden), &spec, now);
+        assert_eq!(reason(result), (true, "ForbiddenTargetType".into()));
+    }
+}
+
+#[test]
+fn unchanged_data_is_not_written() {
+    let t0 = Instant::now();
+    let bs = baosecret("Owner", 1);
+    let (_, plan) = decide(&bs, Some(&check(t0)), &unchanged_target(), t0 + 2 * HOUR);
+    assert_eq!(
+        plan.write_plan("h1"),
+        WritePlan {
+            write: false,
+            restart: false
+        }
+    );
+}
+
+#[test]
+fn restart_only_when_the_hash_changed_from_a_known_one() {
+    // A new BaoSecret: the first write restarts nothing.
+    let bs = baosecret("Owner", 1);
+    let (_, plan) = decide(&bs, None, &Target::Missing, Instant::now());
+    assert_eq!(plan.known_hash, None);
+    assert_eq!(
+        plan.write_plan("h1"),
+        WritePlan {
+            write: true,
+            restart: false
+        }
+    );
+    // Known from the status after a restart of the operator.
+    let bs = with_status(baosecret("Owner", 1), "h1", 3);
+    let (_, plan) = decide(&bs, None, &found(Some("app"), "h1"), Instant::now());
+    assert!(!plan.write_plan("h1").restart);
+    assert!(plan.write_plan("h2").restart);
+}
+
+#[test]
+fn metadata_denied_reads_data_directly_from_then_on() {
+    let t0 = Instant::now();
+    let bs = baosecret("Owner", 1);
+    let later = t0 + 2 * HOUR;
+    let (decision, mut plan) = decide(&bs, Some(&check(t0)), &unchanged_target(), later);
+    assert_eq!(
+        decision,
+        Decision::CheckMetadata {
+            path: METADATA.into()
+        }
+    );
+    assert_eq!(plan.after_metadata(Metadata::Denied), None);
+    let synced = Synced {
+        kv_version: Some(3),
+        hash: "h1".into(),
+        wrote: false,
+        next: HOUR,
+    };
+    let remembered = plan.check(&synced, later);
+    assert!(remembered.metadata_denied);
+    let (decision, plan) = decide(
+        &bs,
+        Some(&remembered),
+        &unchanged_target(),
+        later + 2 * HOUR,
+    );
+    assert_eq!(decision, Decision::ReadData);
+    assert!(plan.check(&synced, later).metadata_denied);
+    // Within the refresh interval it still costs nothing.
+    let (decision, _) = decide(&bs, Some(&remembered), &unchanged_target(), later + SECOND);
+    assert!(matches!(decision, Decision::UpToDate(_)));
+}
+
+#[test]
+fn kv_v1_has_no_metadata_and_reads_data() {
+    let t0 = Instant::now();
+    let mut bs = baosecret("Owner", 1);
+    bs.spec.secret_path = "kv1/team/app".into();
+    let (decision, _) = decide(&bs, Some(&check(t0)), &unchanged_target(), t0 + 2 * HOUR);
+    assert_eq!(decision, Decision::ReadData);
+}
+
+#[test]
+fn a_written_secret_is_remembered_by_its_new_resource_version() {
+    let bs = baosecret("Owner", 1);
+    let (_, mut plan) = decide(&bs, None, &Target::Missing, Instant::now());
+    plan.secret_rv = Some("12".into());
+    let synced = Synced {
+        kv_version: Some(1),
+        hash: "h1".into(),
+        wrote: true,
+        next: HOUR,
+    };
+    let remembered = plan.check(&synced, Instant::now());
+    assert_eq!(remembered.secret_rv.as_deref(), Some("12"));
+    assert!(unchanged(Some(&remembered), Some("12")));
+    assert!(!unchanged(Some(&remembered), Some("13")));
+    assert!(!unchanged(Some(&remembered), None));
+    assert!(!unchanged(None, Some("12")));
+}
+
+#[test]
+fn spec_errors_say_what_to_fix() {
+    let mut bs = baosecret("Owner", 1);
+    assert_eq!(sync_spec(&bs.spec, "team").unwrap().refresh, HOUR);
+    bs.spec.refresh_interval = Some("90s".into());
+    assert_eq!(sync_spec(&bs.spec, "team").unwrap().refresh, 90 * SECOND);
+    bs.spec.refresh_interval = Some("1d".into());
+    assert_eq!(sync_spec(&bs.spec, "team").unwrap().refresh, 24 * HOUR);
+    // Too short, beyond any sane range (once overflowed and panicked), not a duration.
+    for bad in ["500ms", "99999999999999999999h", "soon"] {
+        bs.spec.refresh_interval = Some(bad.into());
+        let e = sync_spec(&bs.spec, "team").unwrap_err();
+        assert_eq!(e.reason(), "InvalidSpec");
+        assert!(
+            e.message().contains("refreshInterval") && e.message().contains("between 1s and"),
+            "{}",
+            e.message()
+        );
+    }
+    bs.spec.refresh_interval = None;
+    bs.spec.target.namespace = Some("other".into());
+    let e = sync_spec(&bs.spec, "team").unwrap_err();
+    assert_eq!(e.reason(), "CrossNamespaceTarget");
+    bs.spec.target.namespace = Some("team".into());
+    bs.spec.secret_path = "kv/app".into();
+    bs.spec.kv_version = Some(2);
+    assert_eq!(
+        sync_spec(&bs.spec, "team").unwrap_err().reason(),
+        "InvalidSpec"
+    );
+}
+
+#[test]
+fn a_read_secret_is_hashed_over_the_keys_it_says_we_manage() {
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {
+            "name": "app-secret", "resourceVersion": "7",
+            "labels": {LABEL: "app"},
+            "annotations": {KEYS_ANNOTATION: "password"}
+        },
+        "data": {"password": "aHVudGVyMg==", "extra": "eA=="}
+    }))
+    .unwrap();
+    let managed = [("password".to_string(), b"hunter2".to_vec())].into();
+    assert_eq!(
+        Target::read(Some(&secret), b"k"),
+        Target::Found {
+            owner: Some("app".into()),
+            merge_from: vec![],
+            type_: None,
+            hash: data_hash(b"k", &managed),
+            rv: Some("7".into()),
+        }
+    );
+    let mut edited = secret.clone();
+    edited.data.as_mut().unwrap().remove("password");
+    let Target::Found { hash, .. } = Target::read(Some(&edited), b"k") else {
+        panic!("found")
+    };
+    assert_ne!(hash, data_hash(b"k", &managed));
+    assert_eq!(Target::read(None, b"k"), Target::Missing);
+}
+
+#[test]
+fn locates_kv_v2_and_v1_paths() {
+    let v2 = locate("secret/data/myapp", None).unwrap();
+    assert_eq!(v2.version, 2);
+    assert_eq!(v2.metadata_path.as_deref(), Some("secret/metadata/myapp"));
+    let v1 = locate("kv1/app/db", None).unwrap();
+    assert_eq!((v1.version, v1.metadata_path), (1, None));
+    assert!(locate("kv/app", Some(2)).is_err());
+}
+
+#[test]
+fn hash_is_keyed_and_reveals_nothing() {
+    let data: BTreeMap<String, Vec<u8>> = [("password".to_string(), b"hunter2".to_vec())].into();
+    let a = data_hash(b"key-a", &data);
+    assert_ne!(a, data_hash(b"key-b", &data));
+    assert!(!a.contains("hunter2"));
+    assert_eq!(a, data_hash(b"key-a", &data));
+}
+
+#[test]
+fn selects_and_renames_keys() {
+    let data = json!({"user": "u", "pass": "p", "n": 3})
+        .as_object()
+        .unwrap()
+        .clone();
+    let keys = vec![KeyMapping {
+        from: "pass".into(),
+        to: Some("password".into()),
+    }];
+    let out = select_keys(&data, Some(&keys)).unwrap();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out["password"], b"p");
+    let missing = vec![KeyMapping {
+        from: "nope".into(),
+        to: None,
+    }];
+    let err = select_keys(&data, Some(&missing)).unwrap_err();
+    assert!(err.contains("\"n\", \"pass\", \"user\""), "{err}");
+    assert_eq!(select_keys(&data, None).unwrap()["n"], b"3");
+}
+
+mod properties {
+    //! Whatever a spec holds (schema-valid or written around the API server), planning never
+    //! panics, and a refused value is refused with a message naming its field.
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Text that mixes valid path and duration characters with every kind of trouble.
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z0-9./_+@=-]{0,40}",
+            "[0-9.hmsd]{0,30}",
+            "\\PC{0,30}",
+            Just("secret/data/../../sys/policies/acl/x".to_string()),
+            Just("99999999999999999999h".to_string()),
+            Just("kubernetes.io/service-account-token".to_string()),
+        ]
+    }
+
+    /// Sets one spec field (by its name in the schema) to `value`.
+    fn set(spec: &mut BaoSecretSpec, field: &str, value: String) {
+        match field {
+            "secretPath" => spec.secret_path = value,
+            "refreshInterval" => spec.refresh_interval = Some(value),
+            "role" => spec.role = Some(value),
+            "authMount" => spec.auth_mount = Some(value),
+            "serviceAccountName" => spec.service_account_name = Some(value),
+            "target.name" => spec.target.name = value,
+            "target.type" => spec.target.type_ = Some(value),
+            "target.namespace" => spec.target.namespace = Some(value),
+            "keys" => {
+                spec.keys = Some(vec![KeyMapping {
+                    from: "k".into(),
+                    to: Some(value),
+                }])
+            }
+            _ => unreachable!("{field}"),
+        }
+    }
+
+    const FIELDS: [&str; 9] = [
+        "secretPath",
+        "refreshInterval",
+        "role",
+        "authMount",
+        "serviceAccountName",
+        "target.name",
+        "target.type",
+        "target.namespace",
+        "keys",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn a_refused_field_is_named_and_nothing_panics(
+            field in proptest::sample::select(&FIELDS[..]),
+            value in text(),
+            policy in proptest::sample::select(&["Owner", "Merge", "Orphan"][..]),
+            version in proptest::option::of(0u8..4),
+        ) {
+            let mut bs = baosecret(policy, 1);
+            bs.spec.kv_version = version.filter(|v| (1..=2).contains(v));
+            set(&mut bs.spec, field, value);
+            match sync_spec(&bs.spec, "team") {
+                Ok(spec) => {
+                    // Accepted: the paths built from it stay inside the named one.
+                    for path in [Some(&spec.location.data_path), spec.location.metadata_path.as_ref()].into_iter().flatten() {
+                        prop_assert!(path.split('/').all(|s| !s.is_empty() && s != "." && s != ".."), "{}", path);
+                    }
+                    prop_assert!(spec.refresh >= SECOND);
+                    for target in [Target::Missing, found(Some("app"), "h"), unchanged_target()] {
+                        let _ = plan(&bs, None, &target, &spec, Instant::now());
+                    }
+                }
+                Err(outcome) => {
+                    let stalled = matches!(outcome, Outcome::Stalled { .. });
+                    prop_assert!(stalled, "{:?}", outcome);
+                    let named = if field == "keys" { "spec.keys[0].to" } else { field };
+                    prop_assert!(outcome.message().contains(named), "{field}: {}", outcome.message());
+                }
+            }
+        }
+
+        #[test]
+        fn locate_never_panics_and_never_leaves_the_named_path(path in text(), version in proptest::option::of(1u8..=2)) {
+            match locate(&path, version) {
+                Ok(at) => {
+                    prop_assert!(at.data_path == path);
+                    prop_assert!(!path.split('/').any(|s| s == ".." || s == "."));
+                }
+                Err(e) => prop_assert!(e.starts_with("spec.secretPath "), "{}", e),
+            }
+        }
+    }
+}

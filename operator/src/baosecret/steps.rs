@@ -1,0 +1,306 @@
+//! The I/O of one BaoSecret sync, one small step each; `plan.rs` decides which ones run.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use kubebao_openbao::{KvSecret, SecretString};
+use serde_json::{Value, json};
+
+use super::plan::{Check, KvLocation, Metadata, Target, failed, unchanged};
+use super::{KEYS_ANNOTATION, LABEL, MANAGER, SecretsContext};
+use crate::api::BaoSecret;
+use crate::api::CreationPolicy;
+use crate::api::baosecret::{RolloutTarget, WorkloadKind};
+use crate::conditions::Outcome;
+use crate::context::{Context, Settings};
+use crate::tenant::{TenantError, TenantIdentity};
+
+/// The last check of the BaoSecret at `key`, if it was made for this `uid`.
+pub fn last_check(ctx: &Context, key: &str, uid: &str) -> Option<Check> {
+    ctx.checks
+        .lock()
+        .expect("checks lock")
+        .get(key)
+        .filter(|c| c.uid == uid)
+        .cloned()
+}
+
+/// Remembers a successful check.
+pub fn remember(ctx: &Context, key: &str, check: Check) {
+    ctx.checks
+        .lock()
+        .expect("checks lock")
+        .insert(key.to_string(), check);
+}
+
+/// The target Secret: not read when the metadata cache shows the resourceVersion we last wrote
+/// or verified, else read from the API.
+pub async fn read_target(
+    sctx: &SecretsContext,
+    ns: &str,
+    name: &str,
+    last: Option<&Check>,
+) -> Result<Target, Outcome> {
+    let cached_rv = sctx
+        .secrets
+        .get(&ObjectRef::new(name).within(ns))
+        .and_then(|m| m.resource_version());
+    if unchanged(last, cached_rv.as_deref()) {
+        return Ok(Target::Unchanged { rv: cached_rv });
+    }
+    let ctx = &*sctx.base;
+    let secret = Api::<Secret>::namespaced(ctx.client.clone(), ns)
+        .get_opt(name)
+        .await
+        .map_err(|e| {
+            failed(
+                false,
+                "KubernetesError",
+                format!("cannot read Secret {name}: {e}"),
+            )
+        })?;
+    Ok(Target::read(secret.as_ref(), &ctx.hash_key))
+}
+
+/// Who reads OpenBao for `bs`: its ServiceAccount, role, auth mount and audience.
+pub fn tenant_identity(bs: &BaoSecret, ns: &str, settings: &Settings) -> TenantIdentity {
+    let spec = &bs.spec;
+    TenantIdentity {
+        namespace: ns.to_string(),
+        service_account: spec
+            .service_account_name
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        role: spec.role.clone().unwrap_or_else(|| ns.to_string()),
+        mount: spec
+            .auth_mount
+            .clone()
+            .unwrap_or_else(|| settings.auth_mount.clone()),
+        audience: spec
+            .audience
+            .clone()
+            .unwrap_or_else(|| settings.token_audience.clone()),
+    }
+}
+
+/// An OpenBao token for `who` (cached by the tenant token cache).
+pub async fn tenant_token(ctx: &Context, who: &TenantIdentity) -> Result<SecretString, Outcome> {
+    ctx.tenants
+        .token(&ctx.client, &ctx.bao, who)
+        .await
+        .map_err(tenant_outcome)
+}
+
+/// After OpenBao refused `who`'s `token`: a fresh token to retry with once when the refused
+/// one was dead (revoked, expired); None when the refusal is the role's policy.
+async fn tenant_denied(
+    ctx: &Context,
+    who: &TenantIdentity,
+    token: &SecretString,
+) -> Result<Option<SecretString>, Outcome> {
+    ctx.tenants
+        .denied(&ctx.client, &ctx.bao, who, token)
+        .await
+        .map_err(tenant_outcome)
+}
+
+/// The condition for a failed tenant login.
+fn tenant_outcome(e: TenantError) -> Outcome {
+    match &e {
+        TenantError::TokenRequest {
+            source: kube::Error::Api(s),
+            ..
+        } if s.code == 404 => failed(true, "ServiceAccountNotFound", e.to_string()),
+        TenantError::TokenRequest { .. } => failed(false, "TokenRequestFailed", e.to_string()),
+        TenantError::Login { source, .. } if source.is_unavailable() => {
+            failed(false, "OpenBaoUnavailable", e.to_string())
+        }
+        TenantError::Login { .. } => failed(
+            true,
+            "LoginDenied",
+            format!(
+                "{e}; check that the role exists and is bound to this ServiceAccount and namespace"
+            ),
+        ),
+    }
+}
+
+/// The condition for an OpenBao error while `who` accessed `path`.
+fn openbao_outcome(e: &kubebao_openbao::Error, who: &TenantIdentity, path: &str) -> Outcome {
+    use kubebao_openbao::Error as E;
+    match e {
+        E::PermissionDenied { .. } => failed(
+            true,
+            "PermissionDenied",
+            format!("{who} may not read {path}: {e}; grant the role's policy read on it"),
+        ),
+        E::NotFound { .. } => failed(true, "SecretNotFound", format!("{e}")),
+        e if e.is_unavailable() => failed(false, "OpenBaoUnavailable", e.to_string()),
+        e => failed(true, "OpenBaoError", e.to_string()),
+    }
+}
+
+/// Reads the current version from the KV v2 metadata at `path`.
+pub async fn read_kv_version(
+    ctx: &Context,
+    token: &SecretString,
+    path: &str,
+    who: &TenantIdentity,
+) -> Result<Metadata, Outcome> {
+    match ctx
+        .metrics
+        .openbao("kv_metadata", ctx.bao.read(path, token).await)
+    {
+        Ok(meta) => Ok(Metadata::Version(
+            meta.data
+                .as_ref()
+                .and_then(|d| d.get("current_version"))
+                .and_then(Value::as_u64),
+        )),
+        Err(e) if e.is_permission_denied() => Ok(Metadata::Denied),
+        Err(e) => Err(openbao_outcome(&e, who, path)),
+    }
+}
+
+/// Reads the KV data (v1 or v2); a refused token that turns out dead is replaced and the read
+/// retried once.
+pub async fn read_kv(
+    ctx: &Context,
+    token: &SecretString,
+    location: &KvLocation,
+    who: &TenantIdentity,
+) -> Result<KvSecret, Outcome> {
+    let path = &location.data_path;
+    let outcome = |e: kubebao_openbao::Error| openbao_outcome(&e, who, path);
+    match read_kv_once(ctx, token, location).await {
+        Err(e) if e.is_permission_denied() => match tenant_denied(ctx, who, token).await? {
+            Some(fresh) => read_kv_once(ctx, &fresh, location).await.map_err(outcome),
+            None => Err(outcome(e)),
+        },
+        read => read.map_err(outcome),
+    }
+}
+
+async fn read_kv_once(
+    ctx: &Context,
+    token: &SecretString,
+    location: &KvLocation,
+) -> kubebao_openbao::Result<KvSecret> {
+    let path = &location.data_path;
+    let read = if location.version == 2 {
+        ctx.bao.kv2_read_api_path(token, path).await
+    } else {
+        ctx.bao.kv1_read(token, path).await
+    };
+    ctx.metrics.openbao("kv_read", read)
+}
+
+/// The Secret `bs` declares, holding `data`.
+fn desired_secret(bs: &BaoSecret, data: &BTreeMap<String, Vec<u8>>) -> Value {
+    let spec = &bs.spec;
+    let mut labels = spec.target.labels.clone().unwrap_or_default();
+    labels.insert(LABEL.into(), bs.name_any());
+    labels.insert("app.kubernetes.io/managed-by".into(), "kubebao".into());
+    let mut annotations = spec.target.annotations.clone().unwrap_or_default();
+    annotations.insert(
+        KEYS_ANNOTATION.into(),
+        data.keys().cloned().collect::<Vec<_>>().join(","),
+    );
+    let owner_references = (spec.target.creation_policy == CreationPolicy::Owner).then(|| {
+        vec![OwnerReference {
+            controller: Some(true),
+            ..bs.controller_owner_ref(&()).expect("BaoSecret has a uid")
+        }]
+    });
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(spec.target.name.clone()),
+            namespace: bs.namespace(),
+            labels: Some(labels),
+            annotations: Some(annotations),
+            owner_references,
+            ..Default::default()
+        },
+        // Merge leaves the type of the existing Secret alone (it is immutable).
+        type_: match spec.target.creation_policy {
+            CreationPolicy::Merge => None,
+            _ => Some(spec.target.type_.clone().unwrap_or_else(|| "Opaque".into())),
+        },
+        data: Some(
+            data.iter()
+                .map(|(k, v)| (k.clone(), ByteString(v.clone())))
+                .collect(),
+        ),
+        ..Default::default()
+    };
+    let mut value = serde_json::to_value(&secret).expect("Secret serializes");
+    value["apiVersion"] = json!("v1");
+    value["kind"] = json!("Secret");
+    value
+}
+
+/// Writes the target Secret (server-side apply); returns its new resourceVersion.
+pub async fn apply_secret(
+    bs: &BaoSecret,
+    ctx: &Context,
+    ns: &str,
+    data: &BTreeMap<String, Vec<u8>>,
+) -> Result<Option<String>, Outcome> {
+    let name = &bs.spec.target.name;
+    ctx.metrics.secret_writes.inc();
+    let written = Api::<Secret>::namespaced(ctx.client.clone(), ns)
+        .patch(
+            name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&desired_secret(bs, data)),
+        )
+        .await
+        .map_err(|e| {
+            failed(
+                false,
+                "SecretWriteFailed",
+                format!("cannot write Secret {name}: {e}"),
+            )
+        })?;
+    Ok(written.resource_version())
+}
+
+/// Restarts each workload (pod template annotation); each result is an event, never an error.
+pub async fn restart_workloads(bs: &BaoSecret, ctx: &Context, ns: &str, targets: &[RolloutTarget]) {
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let patch = json!({"spec": {"template": {"metadata": {"annotations": {"kubebao.io/restartedAt": now}}}}});
+    for t in targets {
+        let params = PatchParams::default();
+        let result = match t.kind {
+            WorkloadKind::Deployment => Api::<Deployment>::namespaced(ctx.client.clone(), ns)
+                .patch(&t.name, &params, &Patch::Merge(&patch))
+                .await
+                .map(|_| ()),
+            WorkloadKind::StatefulSet => Api::<StatefulSet>::namespaced(ctx.client.clone(), ns)
+                .patch(&t.name, &params, &Patch::Merge(&patch))
+                .await
+                .map(|_| ()),
+            WorkloadKind::DaemonSet => Api::<DaemonSet>::namespaced(ctx.client.clone(), ns)
+                .patch(&t.name, &params, &Patch::Merge(&patch))
+                .await
+                .map(|_| ()),
+        };
+        match result {
+            Ok(()) => {
+                ctx.metrics.rollout_restarts.inc();
+                let note = format!("restarted {:?} {} after the data changed", t.kind, t.name);
+                ctx.event(bs, false, "RolloutRestarted", note).await;
+            }
+            Err(e) => {
+                let note = format!("cannot restart {:?} {}: {e}", t.kind, t.name);
+                ctx.event(bs, true, "RolloutRestartFailed", note).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,3 @@
+module kubebao.local/testbed/pause
+
+go 1.25
