@@ -60,7 +60,7 @@ impl LeaseConfig {
 
     /// How long leadership lasts after the start of the last successful renewal: 2/3 of the
     /// lease duration written, so the leader stops a third of it before anyone may take over.
-    pub fn renew_deadline(&self) -> Duration {
+    fn renew_deadline(&self) -> Duration {
         Duration::from_secs(self.seconds().unsigned_abs().into()) * 2 / 3
     }
 
@@ -284,15 +284,12 @@ impl LeaderLease {
         let Some(mut lease) = self.api.get_opt(&self.config.name).await? else {
             return self.create().await;
         };
+        let read_at = Instant::now();
         let spec = lease.spec.get_or_insert_default();
-        let observed = Observed::update(
-            seen.take(),
-            lease.metadata.resource_version.clone(),
-            spec.clone(),
-            Instant::now(),
-        );
+        let version = lease.metadata.resource_version.clone();
+        let observed = Observed::update(seen.take(), version, spec.clone(), read_at);
         let me = &self.config.holder;
-        let next = step(&observed, me, Instant::now(), self.config.duration);
+        let next = step(&observed, me, read_at, self.config.duration);
         *seen = Some(observed);
         let now = MicroTime(Timestamp::now());
         match next {

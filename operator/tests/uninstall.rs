@@ -20,14 +20,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as B64;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, ObjectMeta, Patch,
     PatchParams, PostParams,
 };
-use kubebao_testbed::{Component, Testbed, free_port, wait_for};
+use kubebao_testbed::{Component, RawEtcd, Testbed, free_port, wait_for};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -94,45 +92,12 @@ async fn put_secret(api: &Api<Secret>, name: &str, value: &str) -> Result<(), ku
     api.create(&PostParams::default(), &s).await.map(|_| ())
 }
 
-/// etcd's client URL. `RawEtcd` reads one key; a whole prefix needs a range request, and the
-/// test bed does not expose the URL otherwise.
-fn etcd_url(bed: &Testbed) -> String {
-    let debug = format!("{:?}", bed.etcd());
-    let start = debug.find("http://").expect("etcd URL in RawEtcd");
-    debug[start..]
-        .split('"')
-        .next()
-        .expect("quoted URL")
-        .to_string()
-}
-
-/// Every Secret as stored in etcd: (key, raw value).
-async fn etcd_secrets(url: &str) -> Vec<(String, Vec<u8>)> {
-    let prefix = b"/registry/secrets/";
-    let mut end = prefix.to_vec();
-    *end.last_mut().unwrap() += 1;
-    let body = json!({"key": B64.encode(prefix), "range_end": B64.encode(&end)});
-    let resp: Value = reqwest::Client::new()
-        .post(format!("{url}/v3/kv/range"))
-        .json(&body)
-        .send()
-        .await
-        .expect("etcd range request")
-        .json()
-        .await
-        .expect("etcd range response");
-    let kvs = resp["kvs"].as_array().cloned().unwrap_or_default();
-    kvs.iter()
-        .map(|kv| {
-            let decode = |k: &str| B64.decode(kv[k].as_str().unwrap_or_default()).unwrap();
-            (String::from_utf8(decode("key")).unwrap(), decode("value"))
-        })
-        .collect()
-}
+/// Where etcd keeps Secrets.
+const SECRETS: &str = "/registry/secrets/";
 
 /// The Secrets in etcd not stored as `ok` says, with why; empty when all are.
-async fn stored_otherwise(url: &str, ok: impl Fn(&[u8]) -> bool) -> Vec<String> {
-    etcd_secrets(url)
+async fn stored_otherwise(etcd: &RawEtcd, ok: impl Fn(&[u8]) -> bool) -> Vec<String> {
+    etcd.range(SECRETS)
         .await
         .into_iter()
         .filter(|(_, v)| !ok(v))
@@ -318,7 +283,7 @@ async fn rewrites_skip_no_secret_and_kms_is_removed_only_after_migrating_off() {
     let root = bao.root_token();
     let installer_bin = agent_binary("kubebao-installer", "kubebao-installer");
     let kms_bin = agent_binary("kubebao-kms", "kubebao-kms");
-    let etcd = etcd_url(bed);
+    let etcd = bed.etcd();
     bed.install_crds();
     bed.register_node(NODE, &[], true).await;
 
@@ -680,7 +645,8 @@ async fn rewrites_skip_no_secret_and_kms_is_removed_only_after_migrating_off() {
     let secrets = Api::<Secret>::namespaced(bed.client().await, &test_ns);
     let read = secrets.get("kept").await;
     if read.is_err() {
-        let keys: Vec<String> = etcd_secrets(&etcd)
+        let keys: Vec<String> = etcd
+            .range(SECRETS)
             .await
             .into_iter()
             .map(|(k, v)| format!("{k} {:?}", String::from_utf8_lossy(&v[..v.len().min(20)])))

@@ -88,6 +88,36 @@ impl RawEtcd {
         Some(B64.decode(value).expect("etcd value is base64"))
     }
 
+    /// Every key under `prefix` with its raw stored value, in key order.
+    pub async fn range(&self, prefix: &str) -> Vec<(String, Vec<u8>)> {
+        let mut end = prefix.as_bytes().to_vec();
+        *end.last_mut().expect("a non-empty prefix") += 1;
+        let body = serde_json::json!({ "key": B64.encode(prefix), "range_end": B64.encode(&end) });
+        let resp: serde_json::Value = self
+            .http
+            .post(format!("{}/v3/kv/range", self.url))
+            .json(&body)
+            .send()
+            .await
+            .expect("etcd range request")
+            .json()
+            .await
+            .expect("etcd range response");
+        let kvs = resp["kvs"].as_array().cloned().unwrap_or_default();
+        kvs.iter()
+            .map(|kv| {
+                let decode = |k: &str| {
+                    B64.decode(kv[k].as_str().unwrap_or_default())
+                        .expect("etcd returns base64")
+                };
+                (
+                    String::from_utf8_lossy(&decode("key")).into_owned(),
+                    decode("value"),
+                )
+            })
+            .collect()
+    }
+
     /// Stores `value` under `key` directly, without the API server's validation.
     pub async fn put(&self, key: &str, value: &[u8]) {
         let body = serde_json::json!({ "key": B64.encode(key), "value": B64.encode(value) });

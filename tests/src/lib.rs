@@ -15,8 +15,10 @@
 //! optionally the Secrets Store CSI driver) on this machine; it restores the host when it stops.
 
 mod etcd;
+pub use etcd::RawEtcd;
 mod kube_cluster;
 mod node;
+pub mod node_image;
 mod openbao;
 mod paths;
 mod pki;

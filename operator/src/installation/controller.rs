@@ -279,6 +279,15 @@ async fn ensure_finalizer(
     }
     let mut finalizers = obj.finalizers().to_vec();
     finalizers.push(FINALIZER.into());
+    set_finalizers(obj, api, finalizers).await
+}
+
+/// Replaces the installation's finalizers with `finalizers`.
+pub(super) async fn set_finalizers(
+    obj: &KubeBaoInstallation,
+    api: &Api<KubeBaoInstallation>,
+    finalizers: Vec<String>,
+) -> Result<(), kube::Error> {
     api.patch(
         &obj.name_any(),
         &PatchParams::default(),

@@ -10,11 +10,10 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::controller::Action;
-use serde_json::json;
 
-use crate::installation::controller::{Ctx, Error, patch_status};
+use crate::installation::controller::{Ctx, Error, patch_status, set_finalizers};
 use crate::installation::openbao::{ca_pem, connect};
 use crate::installation::render::installer_daemonset::{self as installer, Action as PlanAction};
 use crate::installation::render::{self, Context as RenderContext};
@@ -189,13 +188,7 @@ async fn drop_finalizer(
         .filter(|f| *f != FINALIZER)
         .cloned()
         .collect();
-    api.patch(
-        &obj.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"finalizers": finalizers}})),
-    )
-    .await?;
-    Ok(())
+    set_finalizers(obj, api, finalizers).await
 }
 
 #[cfg(test)]

@@ -15,9 +15,9 @@ use std::time::Duration;
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
-use kubebao_proto::csi::MountRequest;
 use kubebao_proto::csi::csi_driver_provider_client::CsiDriverProviderClient;
-use kubebao_testbed::{Component, Testbed, free_port, wait_for};
+use kubebao_proto::csi::{MountRequest, MountResponse};
+use kubebao_testbed::{Component, OpenBaoServer, Testbed, free_port, wait_for};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -134,31 +134,72 @@ async fn http_ok(url: String) -> Result<String, String> {
     if ok { Ok(body) } else { Err(body) }
 }
 
+/// KubeBao's binaries, from `KUBEBAO_BIN_DIR`.
+struct KubeBaoBinaries {
+    operator: PathBuf,
+    installer: PathBuf,
+    kms: PathBuf,
+    csi: PathBuf,
+}
+
+impl KubeBaoBinaries {
+    /// Finds every binary up front, so a missing one fails before the test bed starts.
+    fn locate() -> Self {
+        Self {
+            operator: bin("kubebao-operator"),
+            installer: bin("kubebao-installer"),
+            kms: bin("kubebao-kms"),
+            csi: bin("kubebao-csi"),
+        }
+    }
+}
+
+/// Where the KubeBaoInstallation puts the node's files (under a temporary host root).
+struct NodeFiles {
+    manifests: PathBuf,
+    config: PathBuf,
+    socket: PathBuf,
+    kms_port: u16,
+}
+
 #[tokio::main]
 async fn main() {
     kubebao_openbao::install_crypto_provider();
-    let (operator_bin, installer_bin, kms_bin, csi_bin) = (
-        bin("kubebao-operator"),
-        bin("kubebao-installer"),
-        bin("kubebao-kms"),
-        bin("kubebao-csi"),
-    );
+    let bins = KubeBaoBinaries::locate();
+    let bed = start_test_bed().await;
+    write_app_secrets(bed.openbao()).await;
+    let (mut operator, token_file) = start_operator(&bed, &bins.operator);
+    let (node, key_id) = apply_installation(&bed, &mut operator).await;
+    let installer = run_installer(&bed, &bins.installer, &node).await;
+    let plugin = start_kms_plugin(&bed, &bins.kms, &node).await;
+    let client = encrypt_with_kms(&bed, &node).await;
+    show_baosecret_sync(&client, &mut operator).await;
+    show_etcd_proof(&bed, &key_id).await;
+    let csi = show_csi_mount(&bed, &client, &bins.csi).await;
+    print_summary(&bed, &token_file);
+    // Stopped in this order: the CSI provider first, the operator last, then the test bed.
+    wait_and_clean_up(bed, [csi, plugin, installer, operator]).await;
+}
 
+/// etcd, kube-apiserver, kube-controller-manager and OpenBao, with Kubernetes auth and two nodes.
+async fn start_test_bed() -> Testbed {
     step(
         "Starting the test bed: etcd, kube-apiserver, kube-controller-manager and OpenBao on loopback",
     );
     let bed = Testbed::start(Default::default()).await;
     bed.enable_kubernetes_auth().await;
-    let bao = bed.openbao();
-    let client = bed.client().await;
     bed.register_node("control-plane-1", &[], true).await;
     bed.register_node("worker-1", &[], false).await;
     said(&format!(
         "Kubernetes {} and OpenBao {} are up; Kubernetes auth is enabled in OpenBao",
         bed.apiserver_url(),
-        bao.addr()
+        bed.openbao().addr()
     ));
+    bed
+}
 
+/// The application's secrets the BaoSecret and the CSI mount read.
+async fn write_app_secrets(bao: &OpenBaoServer) {
     step("Writing the application's secrets into OpenBao (KV v2 at secret/)");
     bao.enable_engine("secret", "kv", Some(2)).await;
     bao.root(
@@ -174,19 +215,23 @@ async fn main() {
     )
     .await;
     said("secret/myapp {username, password} and secret/myapp/db {password}");
+}
 
+/// Installs the CRDs and starts the operator; returns it and its OpenBao token file.
+fn start_operator(bed: &Testbed, operator_bin: &Path) -> (Component, PathBuf) {
     step("Installing the CRDs and starting the operator");
     bed.install_crds();
+    let bao = bed.openbao();
     // For brevity the demo operator uses the root token; in a cluster it logs in as its own
     // ServiceAccount (docs/operations.md lists the policy it needs).
     let token_file = bed.dir().join("operator-token");
     std::fs::write(&token_file, bao.root_token().expose()).expect("token file");
     std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let kubeconfig = bed.kubeconfig().display().to_string();
-    let mut operator = Component::start_with_env(
+    let operator = Component::start_with_env(
         "kubebao-operator",
         bed.dir(),
-        &operator_bin,
+        operator_bin,
         &[
             format!("--openbao-addr={}", bao.addr()),
             format!("--openbao-token-file={}", token_file.display()),
@@ -200,27 +245,33 @@ async fn main() {
         "kubebao-operator runs (log: {})",
         operator.log_path().display()
     ));
+    (operator, token_file)
+}
 
+/// Applies the example KubeBaoInstallation, pointed at this test bed; returns where it puts the
+/// node's files and the Transit key_id the operator prepared.
+async fn apply_installation(bed: &Testbed, operator: &mut Component) -> (NodeFiles, String) {
     step(
         "Applying examples/kubebaoinstallation.yaml (pointed at the local OpenBao and a temporary host root)",
     );
+    let (client, bao) = (bed.client().await, bed.openbao());
     let host = bed.dir().join("host");
-    let (manifests, config, socket) = (
-        host.join("etc/kubernetes/manifests"),
-        host.join("etc/kubebao"),
-        host.join("run/kubebao/kms.sock"),
-    );
-    let kms_port = free_port();
+    let node = NodeFiles {
+        manifests: host.join("etc/kubernetes/manifests"),
+        config: host.join("etc/kubebao"),
+        socket: host.join("run/kubebao/kms.sock"),
+        kms_port: free_port(),
+    };
     let mut kbi = example("kubebaoinstallation.yaml").remove(0);
     kbi["spec"]["openbao"] =
         json!({"address": bao.tls_addr(), "caBundle": String::from_utf8_lossy(bao.ca_pem())});
-    kbi["spec"]["kms"]["manifestDir"] = json!(manifests);
-    kbi["spec"]["kms"]["configDir"] = json!(config);
-    kbi["spec"]["kms"]["socketPath"] = json!(socket);
-    kbi["spec"]["kms"]["healthPort"] = json!(kms_port);
+    kbi["spec"]["kms"]["manifestDir"] = json!(node.manifests);
+    kbi["spec"]["kms"]["configDir"] = json!(node.config);
+    kbi["spec"]["kms"]["socketPath"] = json!(node.socket);
+    kbi["spec"]["kms"]["healthPort"] = json!(node.kms_port);
     kbi["spec"]["csi"]["providerDir"] = json!(host.join("providers"));
     apply(&client, kbi.clone()).await;
-    let installed = wait_condition(&client, &kbi, "OpenBaoReady", &mut operator).await;
+    let installed = wait_condition(&client, &kbi, "OpenBaoReady", operator).await;
     let key_id = installed.data["status"]["keyId"]
         .as_str()
         .unwrap_or_default()
@@ -228,7 +279,12 @@ async fn main() {
     said(&format!(
         "OpenBao prepared: Transit key kubebao-kms (not exportable, not deletable), the plugin's policy and AppRole; key_id {key_id}"
     ));
+    (node, key_id)
+}
 
+/// Runs the node installer on the bundle and credentials the operator rendered, as its
+/// DaemonSet would mount them; returns it once ready.
+async fn run_installer(bed: &Testbed, installer_bin: &Path, node: &NodeFiles) -> Component {
     step(
         "Node side: the installer writes the static pod, the EncryptionConfiguration and the credentials",
     );
@@ -253,7 +309,7 @@ async fn main() {
     let mut installer = Component::start(
         "kubebao-installer",
         bed.dir(),
-        &installer_bin,
+        installer_bin,
         &[
             "run".into(),
             format!("--bundle={}", bundle_dir.display()),
@@ -270,44 +326,56 @@ async fn main() {
     said(&format!(
         "installed ({}): {}",
         ready.trim(),
-        manifests.join("kubebao-kms.yaml").display()
+        node.manifests.join("kubebao-kms.yaml").display()
     ));
+    installer
+}
 
+/// Starts the KMS plugin with the arguments of the installed static pod; returns it once ready.
+async fn start_kms_plugin(bed: &Testbed, kms_bin: &Path, node: &NodeFiles) -> Component {
     step("Starting the KMS plugin exactly as the installed static pod says");
     let pod: Pod = serde_saphyr::from_str(
-        &std::fs::read_to_string(manifests.join("kubebao-kms.yaml")).expect("manifest"),
+        &std::fs::read_to_string(node.manifests.join("kubebao-kms.yaml")).expect("manifest"),
     )
     .expect("pod");
     let args = pod.spec.expect("pod spec").containers[0]
         .args
         .clone()
         .unwrap_or_default();
-    let mut plugin = Component::start("kubebao-kms", bed.dir(), &kms_bin, &args);
+    let mut plugin = Component::start("kubebao-kms", bed.dir(), kms_bin, &args);
     wait_for("the KMS plugin to be ready", WAIT, || {
         plugin.assert_running();
-        http_ok(format!("http://127.0.0.1:{kms_port}/readyz"))
+        http_ok(format!("http://127.0.0.1:{}/readyz", node.kms_port))
     })
     .await;
     said(&format!(
         "kubebao-kms serves {} (mode 0600), logged in with the installed AppRole",
-        socket.display()
+        node.socket.display()
     ));
+    plugin
+}
 
+/// Restarts kube-apiserver with the installed EncryptionConfiguration; returns a client to it.
+async fn encrypt_with_kms(bed: &Testbed, node: &NodeFiles) -> kube::Client {
     step("Restarting kube-apiserver with the installed EncryptionConfiguration");
-    bed.restart_apiserver(Some(&config.join("encryption-config.yaml")))
+    bed.restart_apiserver(Some(&node.config.join("encryption-config.yaml")))
         .await;
     let client = bed.client().await;
     said("the API server now encrypts Secrets with the kubebao KMS v2 provider");
+    client
+}
 
+/// Applies the example BaoPolicy and BaoSecret and shows the Secret the operator synced.
+async fn show_baosecret_sync(client: &kube::Client, operator: &mut Component) {
     step("Applying examples/baopolicy.yaml and examples/baosecret.yaml");
     for obj in example("baopolicy.yaml") {
-        apply(&client, obj.clone()).await;
-        wait_condition(&client, &obj, "Ready", &mut operator).await;
+        apply(client, obj.clone()).await;
+        wait_condition(client, &obj, "Ready", operator).await;
     }
     said("policy my-app-policy and the Kubernetes-auth roles my-app and default are in OpenBao");
     for obj in example("baosecret.yaml") {
-        apply(&client, obj.clone()).await;
-        wait_condition(&client, &obj, "Ready", &mut operator).await;
+        apply(client, obj.clone()).await;
+        wait_condition(client, &obj, "Ready", operator).await;
     }
     let secrets: Api<Secret> = Api::namespaced(client.clone(), "default");
     let synced = secrets.get("my-app-secret").await.expect("synced Secret");
@@ -318,7 +386,10 @@ async fn main() {
     said(&format!(
         "BaoSecret my-app-secrets synced secret/myapp into Secret default/my-app-secret (keys {keys:?}; password equals OpenBao's: {matches}), read as ServiceAccount default/default"
     ));
+}
 
+/// Shows that etcd holds the synced Secret encrypted by the KMS plugin, not in plaintext.
+async fn show_etcd_proof(bed: &Testbed, key_id: &str) {
     step("Reading the Secret's bytes straight from etcd");
     let raw = bed
         .etcd()
@@ -333,32 +404,13 @@ async fn main() {
         "etcd value starts with {prefix:?}, {} bytes, plaintext present: {plaintext_in_etcd}, carries key_id {key_id}: {has_key_id}",
         raw.len()
     ));
+}
 
+/// Mounts the example SecretProviderClass for the example pod through the CSI provider, as the
+/// Secrets Store CSI driver would, and shows the pod's files; returns the running provider.
+async fn show_csi_mount(bed: &Testbed, client: &kube::Client, csi_bin: &Path) -> Component {
     step("A pod mounts examples/secretproviderclass.yaml through the CSI provider");
-    let csi_dir = bed.dir().join("csi");
-    std::fs::create_dir_all(&csi_dir).expect("csi dir");
-    // The object-version key, as the CSI DaemonSet mounts it from the rendered Secret.
-    bed.mount_secret(
-        "kube-system",
-        "kubebao-csi-object-version-key",
-        &csi_dir.join("version-key"),
-    )
-    .await
-    .expect("object version key Secret");
-    let version_key = csi_dir.join("version-key/key");
-    let mut csi = Component::start(
-        "kubebao-csi",
-        bed.dir(),
-        &csi_bin,
-        &[
-            format!("--provider-dir={}", csi_dir.display()),
-            format!("--openbao-addr={}", bao.addr()),
-            format!("--kubeconfig={}", bed.kubeconfig().display()),
-            "--audience=openbao".into(),
-            format!("--object-version-key-file={}", version_key.display()),
-            format!("--listen=127.0.0.1:{}", free_port()),
-        ],
-    );
+    let (mut csi, socket) = start_csi_provider(bed, csi_bin).await;
     let docs = example("secretproviderclass.yaml");
     let spc = docs
         .iter()
@@ -379,8 +431,50 @@ async fn main() {
         pod.metadata.name.clone().unwrap_or_default(),
         pod.metadata.uid.clone().unwrap_or_default(),
     );
-    // What the kubelet hands the driver for `tokenRequests: [{audience: openbao}]`.
-    let token = Api::<ServiceAccount>::namespaced(client.clone(), "default")
+    let token = pod_token(client, &pod_name, &pod_uid).await;
+    let attributes = mount_attributes(spc, &pod_name, pod_uid, token);
+    let resp = csi_mount(&socket, &attributes, &mut csi).await;
+    show_pod_files(&bed.dir().join("pod-volume"), &resp);
+    said(&format!(
+        "logged in to OpenBao as default/my-app through role my-app, for pod {pod_name}"
+    ));
+    csi
+}
+
+/// Starts the CSI provider with the object-version key its DaemonSet mounts; returns it and
+/// its socket.
+async fn start_csi_provider(bed: &Testbed, csi_bin: &Path) -> (Component, PathBuf) {
+    let csi_dir = bed.dir().join("csi");
+    std::fs::create_dir_all(&csi_dir).expect("csi dir");
+    // The object-version key, as the CSI DaemonSet mounts it from the rendered Secret.
+    bed.mount_secret(
+        "kube-system",
+        "kubebao-csi-object-version-key",
+        &csi_dir.join("version-key"),
+    )
+    .await
+    .expect("object version key Secret");
+    let version_key = csi_dir.join("version-key/key");
+    let csi = Component::start(
+        "kubebao-csi",
+        bed.dir(),
+        csi_bin,
+        &[
+            format!("--provider-dir={}", csi_dir.display()),
+            format!("--openbao-addr={}", bed.openbao().addr()),
+            format!("--kubeconfig={}", bed.kubeconfig().display()),
+            "--audience=openbao".into(),
+            format!("--object-version-key-file={}", version_key.display()),
+            format!("--listen=127.0.0.1:{}", free_port()),
+        ],
+    );
+    (csi, csi_dir.join("kubebao.sock"))
+}
+
+/// What the kubelet hands the driver for `tokenRequests: [{audience: openbao}]`: a token of
+/// ServiceAccount default/my-app bound to the pod.
+async fn pod_token(client: &kube::Client, pod_name: &str, pod_uid: &str) -> String {
+    Api::<ServiceAccount>::namespaced(client.clone(), "default")
         .create_token_request(
             "my-app",
             &PostParams::default(),
@@ -391,8 +485,8 @@ async fn main() {
                     bound_object_ref: Some(BoundObjectReference {
                         api_version: Some("v1".into()),
                         kind: Some("Pod".into()),
-                        name: Some(pod_name.clone()),
-                        uid: Some(pod_uid.clone()),
+                        name: Some(pod_name.into()),
+                        uid: Some(pod_uid.into()),
                     }),
                 },
                 ..Default::default()
@@ -402,7 +496,17 @@ async fn main() {
         .expect("pod token")
         .status
         .expect("token status")
-        .token;
+        .token
+}
+
+/// The mount request's attributes, as the driver builds them: the SecretProviderClass's
+/// parameters plus the pod's identity and token.
+fn mount_attributes(
+    spc: &Value,
+    pod_name: &str,
+    pod_uid: String,
+    token: String,
+) -> BTreeMap<String, String> {
     let mut attributes: BTreeMap<String, String> = spc["spec"]["parameters"]
         .as_object()
         .expect("parameters")
@@ -411,7 +515,7 @@ async fn main() {
         .collect();
     for (k, v) in [
         ("secretProviderClass", "kubebao-secrets".to_string()),
-        ("csi.storage.k8s.io/pod.name", pod_name.clone()),
+        ("csi.storage.k8s.io/pod.name", pod_name.to_string()),
         ("csi.storage.k8s.io/pod.namespace", "default".into()),
         ("csi.storage.k8s.io/pod.uid", pod_uid),
         ("csi.storage.k8s.io/serviceAccount.name", "my-app".into()),
@@ -423,12 +527,20 @@ async fn main() {
     ] {
         attributes.insert(k.to_string(), v);
     }
-    let socket = csi_dir.join("kubebao.sock");
-    let resp = wait_for("the CSI provider to mount", WAIT, || {
+    attributes
+}
+
+/// Calls the CSI provider's Mount over its socket until it answers.
+async fn csi_mount(
+    socket: &Path,
+    attributes: &BTreeMap<String, String>,
+    csi: &mut Component,
+) -> MountResponse {
+    wait_for("the CSI provider to mount", WAIT, || {
         csi.assert_running();
         let (socket, attributes) = (
-            socket.clone(),
-            serde_json::to_string(&attributes).expect("attributes"),
+            socket.to_path_buf(),
+            serde_json::to_string(attributes).expect("attributes"),
         );
         async move {
             let channel =
@@ -448,8 +560,11 @@ async fn main() {
                 .map_err(|e| e.to_string())
         }
     })
-    .await;
-    let mount_dir = bed.dir().join("pod-volume");
+    .await
+}
+
+/// Writes the mounted files into `mount_dir`, as the driver does for the pod, and shows each.
+fn show_pod_files(mount_dir: &Path, resp: &MountResponse) {
     for f in &resp.files {
         let path = mount_dir.join(&f.path);
         std::fs::create_dir_all(path.parent().expect("parent")).expect("mount dir");
@@ -468,10 +583,10 @@ async fn main() {
                 .unwrap_or("-")
         ));
     }
-    said(&format!(
-        "logged in to OpenBao as default/my-app through role my-app, for pod {pod_name}"
-    ));
+}
 
+/// What to try while the demo runs.
+fn print_summary(bed: &Testbed, token_file: &Path) {
     let kubectl = bed.binaries().kubectl.display().to_string();
     println!(
         "\nKubeBao is running. Try:\
@@ -482,14 +597,19 @@ async fn main() {
          \n  logs: {dir}\
          \n\nPress Ctrl-C to stop and clean up.",
         kc = bed.kubeconfig().display(),
-        addr = bao.addr(),
+        addr = bed.openbao().addr(),
         tf = token_file.display(),
         bao = bed.binaries().bao.display(),
         dir = bed.dir().display(),
     );
+}
+
+/// Waits for Ctrl-C, then stops `kubebao` in order and the test bed, which removes its
+/// temporary directory.
+async fn wait_and_clean_up(bed: Testbed, kubebao: [Component; 4]) {
     tokio::signal::ctrl_c().await.expect("wait for Ctrl-C");
     println!("\nStopping KubeBao and the test bed…");
-    drop((csi, plugin, installer, operator));
+    drop(kubebao);
     drop(bed);
     println!("Stopped; temporary files removed.");
 }
