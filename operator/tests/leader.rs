@@ -11,6 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{
     Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
 };
@@ -128,6 +129,15 @@ fn writes(log: &str) -> Vec<String> {
             (method != "GET" && !url.contains("/leases/")).then(|| format!("{method} {url}"))
         })
         .collect()
+}
+
+/// When an operator's log last shows a Kubernetes write, its Lease aside.
+fn last_write_at(log: &str) -> Option<Timestamp> {
+    log.lines()
+        .rev()
+        .filter(|l| !writes(l).is_empty())
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find_map(|v| v["timestamp"].as_str()?.parse().ok())
 }
 
 fn api(client: kube::Client, kind: &str) -> Api<DynamicObject> {
@@ -261,7 +271,29 @@ async fn a_leader_frozen_past_its_lease_does_nothing_once_resumed() {
         "the leader worked with its own token before the freeze"
     );
 
-    // Freeze the leader; once its in-flight requests have landed, mark the audit log.
+    // Freeze the leader between reconcile steps: a request already handed to the network when
+    // the process stops lands on resume, and no leader election can call it back (only a
+    // fencing token could); what this test proves is that no NEW step runs after the resume.
+    let log_path = operators[leader].process.log_path().to_path_buf();
+    wait_for(
+        "the leader to be between steps (no write for 2 s)",
+        WAIT,
+        || {
+            let last = last_write_at(&std::fs::read_to_string(&log_path).unwrap_or_default());
+            async move {
+                let quiet = last.map_or(Duration::MAX, |t| {
+                    Timestamp::now().duration_since(t).unsigned_abs()
+                });
+                if quiet >= Duration::from_secs(2) {
+                    Ok(())
+                } else {
+                    Err(format!("last write {quiet:?} ago"))
+                }
+            }
+        },
+    )
+    .await;
+    // Freeze; once its in-flight requests have landed, mark the audit log.
     let pid = operators[leader].process.pid().expect("the leader's pid");
     let frozen_at = std::time::Instant::now();
     let frozen = Frozen::new(pid);
