@@ -77,6 +77,8 @@ impl TokenOptions {
         } else {
             2.0 / 3.0
         };
+        // fraction is within 0..=1, so the product is at most `ttl`: the conversion cannot
+        // fail; the fallback only keeps this total.
         Duration::try_from_secs_f64(ttl.as_secs_f64() * fraction).unwrap_or(ttl)
     }
 

@@ -131,6 +131,25 @@ fn writes(log: &str) -> Vec<String> {
         .collect()
 }
 
+/// Makes a request now and waits until OpenBao's audit log shows it, so requests that reached
+/// OpenBao before it are logged too (a barrier, not a guess at how long they take).
+async fn audit_barrier(bao: &kubebao_testbed::OpenBaoServer, name: &str) {
+    let path = format!("cubbyhole/barrier-{name}");
+    // The read's answer (not found) does not matter: OpenBao audits every request.
+    let _ = bao.client().read(&path, bao.root_token()).await;
+    wait_for("the audit log to show the barrier request", WAIT, || {
+        let seen = bao.audit().requests.iter().any(|r| r.path == path);
+        async move {
+            if seen {
+                Ok(())
+            } else {
+                Err("not yet".to_string())
+            }
+        }
+    })
+    .await;
+}
+
 /// When an operator's log last shows a Kubernetes write, its Lease aside.
 fn last_write_at(log: &str) -> Option<Timestamp> {
     log.lines()
@@ -297,7 +316,7 @@ async fn a_leader_frozen_past_its_lease_does_nothing_once_resumed() {
     let pid = operators[leader].process.pid().expect("the leader's pid");
     let frozen_at = std::time::Instant::now();
     let frozen = Frozen::new(pid);
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    audit_barrier(bao, "frozen").await;
     let mark = bao.audit().len();
 
     // The standby takes over (by its own clock, after the lease duration unchanged).
@@ -375,8 +394,8 @@ async fn a_leader_frozen_past_its_lease_does_nothing_once_resumed() {
         Vec::<String>::new(),
         "Kubernetes writes after the resume"
     );
-    // Give any late request of the old leader time to reach the audit log.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Every request the old leader sent has reached the audit log before ours.
+    audit_barrier(bao, "exited").await;
 
     let since = bao.audit().since(mark);
     let old_leader = since
