@@ -83,6 +83,31 @@ impl Credentials {
     }
 }
 
+/// The `aud` claim of a JWT (payload decoded, signature not checked: only OpenBao can judge
+/// it; this only keeps a token meant for someone else from being sent).
+fn jwt_audiences(jwt: &str) -> std::result::Result<Vec<String>, String> {
+    use base64::Engine as _;
+    let payload = jwt.trim().split('.').nth(1).ok_or("no payload part")?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .map_err(|_| "the payload is not base64url")?;
+    let claims: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|_| "the payload is not JSON")?;
+    match claims.get("aud") {
+        Some(serde_json::Value::String(a)) => Ok(vec![a.clone()]),
+        Some(serde_json::Value::Array(list)) => list
+            .iter()
+            .map(|a| {
+                a.as_str()
+                    .map(str::to_string)
+                    .ok_or("an audience is not a string")
+            })
+            .collect::<std::result::Result<_, _>>()
+            .map_err(str::to_string),
+        _ => Ok(Vec::new()),
+    }
+}
+
 impl OpenBao {
     /// Logs in with `credentials`; for a plain token, looks it up to learn its TTL.
     pub async fn login(&self, credentials: &Credentials) -> Result<Auth> {
@@ -97,10 +122,13 @@ impl OpenBao {
                 json!({"role_id": role_id.expose(), "secret_id": secret_id.expose()}),
             ),
             Credentials::Kubernetes { mount, role, jwt }
-            | Credentials::Jwt { mount, role, jwt } => (
-                format!("auth/{mount}/login"),
-                json!({"role": role, "jwt": jwt.expose()}),
-            ),
+            | Credentials::Jwt { mount, role, jwt } => {
+                self.check_jwt_audience(credentials, jwt)?;
+                (
+                    format!("auth/{mount}/login"),
+                    json!({"role": role, "jwt": jwt.expose()}),
+                )
+            }
         };
         let secret = self
             .call(Method::POST, &path, None, Some(&body))
@@ -114,6 +142,29 @@ impl OpenBao {
             path,
             reason: "login returned no auth".into(),
         })
+    }
+
+    /// With [`OpenBao::with_jwt_audience`]: refuses `jwt` unless its only audience is that one.
+    fn check_jwt_audience(&self, credentials: &Credentials, jwt: &SecretString) -> Result<()> {
+        let Some(expected) = &self.jwt_audience else {
+            return Ok(());
+        };
+        let what = credentials.describe();
+        let audiences = jwt_audiences(jwt.expose()).map_err(|why| {
+            Error::Config(format!(
+                "the token for {what} is not a JWT ({why}); it was not sent. Mount a projected \
+                 ServiceAccount token with audience {expected:?} and use that file"
+            ))
+        })?;
+        if audiences != [expected.as_str()] {
+            return Err(Error::Config(format!(
+                "the token for {what} is for audiences {audiences:?}, not only {expected:?}; it \
+                 was not sent (a token for another audience, such as the Kubernetes API server, \
+                 must never reach OpenBao). Mount a projected ServiceAccount token with audience \
+                 {expected:?} (serviceAccountToken.audience) and use that file"
+            )));
+        }
+        Ok(())
     }
 
     /// `auth/token/lookup-self`, shaped like a login.
@@ -174,5 +225,88 @@ impl OpenBao {
         let body = json!({"lease_id": lease_id, "increment": increment.as_secs()});
         self.call(Method::PUT, "sys/leases/renew", Some(token), Some(&body))
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine as _;
+
+    use super::*;
+    use crate::fake::{Fake, start};
+
+    /// An unsigned JWT with these claims (the client only reads the payload).
+    fn jwt(claims: serde_json::Value) -> SecretString {
+        let b64 = |v: &serde_json::Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+        };
+        let header = json!({"alg": "RS256", "typ": "JWT"});
+        SecretString::new(format!("{}.{}.c2ln", b64(&header), b64(&claims)))
+    }
+
+    fn kubernetes(jwt: SecretString) -> Credentials {
+        Credentials::Kubernetes {
+            mount: "kubernetes".into(),
+            role: "kubebao".into(),
+            jwt,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_token_for_the_api_server_is_refused_before_any_request_reaches_openbao() {
+        let (fake, bao) = start(Fake {
+            ttl: 60,
+            ..Default::default()
+        })
+        .await;
+        let bao = bao.with_jwt_audience("openbao");
+        let api_server = "https://kubernetes.default.svc.cluster.local";
+        for aud in [
+            json!([api_server, "k3s"]),
+            json!(api_server),
+            json!(["openbao", api_server]),
+            json!([]),
+        ] {
+            let e = bao
+                .login(&kubernetes(jwt(json!({"aud": aud, "sub": "x"}))))
+                .await
+                .unwrap_err();
+            let m = e.to_string();
+            assert!(matches!(e, Error::Config(_)), "{aud}: {e:?}");
+            assert!(m.contains("projected") && m.contains("\"openbao\""), "{m}");
+        }
+        let e = bao
+            .login(&kubernetes(SecretString::new("not-a-jwt")))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("not a JWT"), "{e}");
+        assert_eq!(fake.lock().unwrap().logins, 0, "nothing reached OpenBao");
+    }
+
+    #[tokio::test]
+    async fn a_token_for_exactly_the_openbao_audience_logs_in() {
+        let (fake, bao) = start(Fake {
+            ttl: 60,
+            ..Default::default()
+        })
+        .await;
+        let bao = bao.with_jwt_audience("openbao");
+        for aud in [json!("openbao"), json!(["openbao"])] {
+            bao.login(&kubernetes(jwt(json!({"aud": aud}))))
+                .await
+                .unwrap();
+        }
+        // A client without `with_jwt_audience` checks nothing.
+        let (other, unchecked) = start(Fake {
+            ttl: 60,
+            ..Default::default()
+        })
+        .await;
+        unchecked
+            .login(&kubernetes(SecretString::new("opaque")))
+            .await
+            .unwrap();
+        assert_eq!(fake.lock().unwrap().logins, 2);
+        assert_eq!(other.lock().unwrap().logins, 1);
     }
 }

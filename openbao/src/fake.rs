@@ -139,6 +139,7 @@ pub async fn start(fake: Fake) -> (Shared, OpenBao) {
     tokio::spawn(async move { axum::serve(listener, app).await });
     let client = OpenBao::new(&ClientConfig {
         address: format!("http://{addr}"),
+        allow_plain_http: true,
         ..Default::default()
     })
     .unwrap();

@@ -163,6 +163,8 @@ async fn main() {
     let args: Vec<String> = [
         "--openbao-addr",
         bao.addr(),
+        // The test bed's OpenBao listens on loopback over plain http.
+        "--openbao-allow-plain-http",
         "--openbao-token-file",
         &token_file.display().to_string(),
         "--namespace",

@@ -109,8 +109,13 @@ struct Done {
     notes: Vec<Note>,
 }
 
+/// The key of `bp`'s failure count (the same one the controller's error policy uses).
+fn backoff_key(bp: &BaoPolicy) -> String {
+    format!("BaoPolicy/{}", bp.name_any())
+}
+
 async fn apply(bp: Arc<BaoPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let key = format!("BaoPolicy/{}", bp.name_any());
+    let key = backoff_key(&bp);
     let previous = bp.status.clone().unwrap_or_default();
     let result = converge(&bp, &ctx, &previous).await;
     let (outcome, action, mut status) = match result {
@@ -137,6 +142,7 @@ async fn apply(bp: Arc<BaoPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
             previous.clone(),
         ),
     };
+    ctx.count_cached();
     ctx.metrics.reconciled("BaoPolicy", outcome.result());
     if conditions::ready_changed(&previous.conditions, &outcome) {
         tracing::info!(baopolicy = %bp.name_any(), reason = outcome.reason(), message = outcome.message(), "BaoPolicy condition");
@@ -426,10 +432,18 @@ async fn write_policy(
         .map_err(|e| bao_outcome(&format!("cannot write policy {name}"), &e))
 }
 
+/// Removes what `bp` owns from OpenBao (unless `Retain`), then forgets its failure count.
 async fn cleanup(bp: Arc<BaoPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let action = remove_from_openbao(&bp, &ctx).await?;
+    ctx.succeeded(&backoff_key(&bp));
+    ctx.count_cached();
+    Ok(action)
+}
+
+async fn remove_from_openbao(bp: &BaoPolicy, ctx: &Context) -> Result<Action, Error> {
     if bp.spec.deletion_policy == DeletionPolicy::Retain {
         ctx.event(
-            &*bp,
+            bp,
             false,
             "Retained",
             "deletionPolicy Retain: policy and roles left in OpenBao".into(),
@@ -443,7 +457,7 @@ async fn cleanup(bp: Arc<BaoPolicy>, ctx: Arc<Context>) -> Result<Action, Error>
         return Ok(Action::await_change());
     };
     let fail = |o: Outcome| Error::Cleanup(o.message().to_string());
-    let token = operator_token(&ctx).await.map_err(fail)?;
+    let token = operator_token(ctx).await.map_err(fail)?;
     let current = ctx
         .metrics
         .openbao("policy_read", ctx.bao.policy_read(&token, &name).await)
@@ -462,12 +476,12 @@ async fn cleanup(bp: Arc<BaoPolicy>, ctx: Arc<Context>) -> Result<Action, Error>
         None => {}
     }
     for role in &owned {
-        roles::remove(&ctx, &token, role, &name)
+        roles::remove(ctx, &token, role, &name)
             .await
             .map_err(fail)?;
     }
     ctx.event(
-        &*bp,
+        bp,
         false,
         "Deleted",
         format!(

@@ -146,6 +146,41 @@ pub fn conditions(
     out
 }
 
+/// True when the Kubernetes API refused a request for good: the same request can never succeed
+/// (400 BadRequest, 422 Invalid — an invalid or immutable field —, or too large, see
+/// [`refused_as_too_large`]), so retrying it without a change only repeats the refusal.
+/// Conflicts (409), throttling (429), server errors (5xx) and transport failures (timeouts,
+/// connections) are transient.
+pub fn refused_for_good(e: &kube::Error) -> bool {
+    let kube::Error::Api(status) = e else {
+        return false;
+    };
+    matches!(status.code, 400 | 422)
+        || matches!(status.reason.as_str(), "BadRequest" | "Invalid")
+        || refused_as_too_large(e)
+}
+
+/// True when the Kubernetes API refused a request as too large: 413 RequestEntityTooLarge, a
+/// size limit ("Too long: may not be more than 1048576 bytes"), or etcd's "request is too large".
+pub fn refused_as_too_large(e: &kube::Error) -> bool {
+    let kube::Error::Api(status) = e else {
+        return false;
+    };
+    let text = status.message.to_ascii_lowercase();
+    status.code == 413
+        || status.reason == "RequestEntityTooLarge"
+        || text.contains("too long")
+        || text.contains("too large")
+}
+
+/// What the API server said (its `Status` message), or the error itself when it said nothing.
+pub fn api_message(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(status) if !status.message.is_empty() => status.message.clone(),
+        e => e.to_string(),
+    }
+}
+
 /// True when `outcome` says something the `Ready` condition in `previous` does not (another
 /// reason or message, or no `Ready` yet): worth an event.
 pub fn ready_changed(previous: &[Condition], outcome: &Outcome) -> bool {
@@ -233,6 +268,57 @@ mod tests {
             ]
         );
         assert!(c.iter().all(|c| c.observed_generation == Some(4)));
+    }
+
+    fn api_error(code: u16, reason: &str, message: &str) -> kube::Error {
+        kube::Error::Api(
+            kube::core::Status::failure(message, reason)
+                .with_code(code)
+                .boxed(),
+        )
+    }
+
+    #[test]
+    fn api_errors_that_no_retry_can_fix_are_told_from_transient_ones() {
+        let permanent = [
+            api_error(
+                422,
+                "Invalid",
+                "Secret \"s\" is invalid: data: Too long: may not be more than 1048576 bytes",
+            ),
+            api_error(
+                422,
+                "Invalid",
+                "Secret \"s\" is invalid: type: Invalid value: \"b\": field is immutable",
+            ),
+            api_error(413, "RequestEntityTooLarge", "the request is too large"),
+            api_error(400, "BadRequest", "the server rejected our request"),
+            api_error(500, "InternalError", "etcdserver: request is too large"),
+        ];
+        for e in &permanent {
+            assert!(refused_for_good(e), "{e}");
+        }
+        let too_large: Vec<bool> = permanent.iter().map(refused_as_too_large).collect();
+        assert_eq!(too_large, [true, false, true, false, true]);
+        let transient = [
+            api_error(409, "Conflict", "the object has been modified"),
+            api_error(429, "TooManyRequests", "slow down"),
+            api_error(500, "InternalError", "etcd leader changed"),
+            api_error(503, "ServiceUnavailable", "apiserver is shutting down"),
+            api_error(
+                504,
+                "Timeout",
+                "the server was unable to return a response in time",
+            ),
+            kube::Error::LinesCodecMaxLineLengthExceeded,
+        ];
+        for e in &transient {
+            assert!(!refused_for_good(e) && !refused_as_too_large(e), "{e}");
+        }
+        assert_eq!(
+            api_message(&permanent[1]),
+            "Secret \"s\" is invalid: type: Invalid value: \"b\": field is immutable"
+        );
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub enum IdentitySource {
         role: String,
         /// Projected ServiceAccount token file.
         jwt_file: PathBuf,
+        /// The token's only allowed audience, checked before every login.
+        audience: String,
     },
     /// A token in a file (re-read on every login, so a rotated file is picked up).
     TokenFile(PathBuf),
@@ -70,6 +72,7 @@ impl Identity {
                 mount,
                 role,
                 jwt_file,
+                ..
             } => CredentialSource::KubernetesJwtFile {
                 mount: mount.clone(),
                 role: role.clone(),
@@ -106,7 +109,14 @@ impl Identity {
         if let Some((s, _)) = slot.as_ref() {
             return Ok(s.clone());
         }
-        let session = Session::new(self.bao.clone(), self.credential_source().await?);
+        let bao = match &self.source {
+            // Every login of the session (renewals too) checks the token's audience first.
+            IdentitySource::Kubernetes { audience, .. } => {
+                self.bao.clone().with_jwt_audience(audience)
+            }
+            _ => self.bao.clone(),
+        };
+        let session = Session::new(bao, self.credential_source().await?);
         let task = session.spawn_renewal();
         *slot = Some((session.clone(), task));
         Ok(session)
@@ -146,4 +156,104 @@ pub enum IdentityError {
     /// OpenBao refused the login or is unreachable.
     #[error("operator identity: {0} failed: {1}")]
     Login(String, kubebao_openbao::Error),
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use base64::Engine as _;
+
+    use super::*;
+
+    /// Paths a server on loopback was asked for.
+    pub(crate) type Requests = Arc<Mutex<Vec<String>>>;
+
+    /// A server on loopback that answers every request 404 (a Kubernetes `Status` body, which
+    /// OpenBao clients read as "nothing found") and records its path.
+    pub(crate) async fn counting_server() -> (String, Requests) {
+        let requests: Requests = Default::default();
+        let seen = requests.clone();
+        let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+            seen.lock().unwrap().push(uri.path().to_string());
+            let body = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404,"errors":[]}"#;
+            async move {
+                let json = [("content-type", "application/json")];
+                (axum::http::StatusCode::NOT_FOUND, json, body)
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (format!("http://{addr}"), requests)
+    }
+
+    /// A Kubernetes client for `url`.
+    pub(crate) fn kube_client(url: &str) -> kube::Client {
+        kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap()
+    }
+
+    /// An unsigned ServiceAccount-token-shaped JWT for `audiences`, in a file.
+    pub(crate) fn jwt_file(dir: &std::path::Path, audiences: &[&str]) -> PathBuf {
+        let b64 = |v: serde_json::Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+        };
+        let claims = serde_json::json!({"aud": audiences, "sub": "system:serviceaccount:kubebao-system:kubebao-operator"});
+        let jwt = format!(
+            "{}.{}.c2ln",
+            b64(serde_json::json!({"alg": "RS256"})),
+            b64(claims)
+        );
+        let path = dir.join(format!("token-{}", audiences.join("+").replace('/', "_")));
+        std::fs::write(&path, jwt).unwrap();
+        path
+    }
+
+    #[tokio::test]
+    async fn the_operator_never_sends_a_token_for_the_api_server_to_openbao() {
+        let (address, requests) = counting_server().await;
+        let bao = OpenBao::new(&kubebao_openbao::ClientConfig {
+            address,
+            allow_plain_http: true,
+            ..Default::default()
+        })
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let api_server = "https://kubernetes.default.svc.cluster.local";
+        for audiences in [&[api_server][..], &[api_server, "openbao"], &["vault"]] {
+            let identity = Identity::new(
+                bao.clone(),
+                kube_client("http://127.0.0.1:9"),
+                IdentitySource::Kubernetes {
+                    mount: "kubernetes".into(),
+                    role: "kubebao".into(),
+                    jwt_file: jwt_file(dir.path(), audiences),
+                    audience: "openbao".into(),
+                },
+            );
+            let e = identity.token().await.unwrap_err().to_string();
+            assert!(
+                e.contains("not only \"openbao\"") && e.contains("projected ServiceAccount token"),
+                "{e}"
+            );
+        }
+        assert_eq!(
+            *requests.lock().unwrap(),
+            [] as [String; 0],
+            "nothing reached OpenBao"
+        );
+        // The projected token for exactly OpenBao's audience is sent (this fake answers 404).
+        let identity = Identity::new(
+            bao,
+            kube_client("http://127.0.0.1:9"),
+            IdentitySource::Kubernetes {
+                mount: "kubernetes".into(),
+                role: "kubebao".into(),
+                jwt_file: jwt_file(dir.path(), &["openbao"]),
+                audience: "openbao".into(),
+            },
+        );
+        assert!(identity.token().await.is_err());
+        assert_eq!(*requests.lock().unwrap(), ["/v1/auth/kubernetes/login"]);
+    }
 }

@@ -82,16 +82,24 @@ struct RunArgs {
     /// OpenBao namespace.
     #[arg(long, env = "KUBEBAO_OPENBAO_NAMESPACE")]
     openbao_namespace: Option<String>,
+    /// Allow plain http:// to an OpenBao on a loopback address (tests, a local dev server). Never for a remote address.
+    #[arg(long, env = "KUBEBAO_OPENBAO_ALLOW_PLAIN_HTTP")]
+    openbao_allow_plain_http: bool,
     /// The operator's own identity, option 1: OpenBao Kubernetes-auth role for its ServiceAccount.
     #[arg(long, env = "KUBEBAO_OPERATOR_ROLE")]
     operator_role: Option<String>,
-    /// ServiceAccount token file used with --operator-role.
+    /// Projected ServiceAccount token file used with --operator-role (and by installations'
+    /// `auth.kubernetes`); its only audience must be --operator-jwt-audience.
     #[arg(
         long,
         env = "KUBEBAO_OPERATOR_JWT_FILE",
-        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+        default_value = "/var/run/secrets/openbao/token"
     )]
     operator_jwt_file: PathBuf,
+    /// The audience of the operator's projected token: a token for any other audience (such as
+    /// the Kubernetes API server's) is never sent to OpenBao.
+    #[arg(long, env = "KUBEBAO_OPERATOR_JWT_AUDIENCE", default_value = "openbao")]
+    operator_jwt_audience: String,
     /// Option 2: an OpenBao token in a file.
     #[arg(long, env = "KUBEBAO_OPENBAO_TOKEN_FILE")]
     openbao_token_file: Option<PathBuf>,
@@ -140,7 +148,7 @@ fn duration(s: &str) -> Result<Duration, String> {
 }
 
 /// A controller the operator runs while it leads.
-type ControllerFn = fn(Arc<Context>, watch::Receiver<bool>) -> BoxFuture<'static, ()>;
+type ControllerFn = fn(Arc<Context>, &RunArgs, watch::Receiver<bool>) -> BoxFuture<'static, ()>;
 
 /// Every controller, started in this order.
 const CONTROLLERS: &[(&str, ControllerFn)] = &[
@@ -153,11 +161,23 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
-fn run_baosecrets(ctx: Arc<Context>, stop: watch::Receiver<bool>) -> BoxFuture<'static, ()> {
+fn run_baosecrets(
+    ctx: Arc<Context>,
+    _: &RunArgs,
+    stop: watch::Receiver<bool>,
+) -> BoxFuture<'static, ()> {
     Box::pin(baosecret::run(ctx, stopped(stop)))
 }
 
-fn run_installations(ctx: Arc<Context>, stop: watch::Receiver<bool>) -> BoxFuture<'static, ()> {
+fn run_installations(
+    ctx: Arc<Context>,
+    args: &RunArgs,
+    stop: watch::Receiver<bool>,
+) -> BoxFuture<'static, ()> {
+    let operator = installation::controller::Operator {
+        namespace: args.namespace.clone(),
+        jwt_audience: args.operator_jwt_audience.clone(),
+    };
     let id = ctx.clone();
     let token: installation::controller::TokenFn = Arc::new(move || {
         let id = id.clone();
@@ -169,13 +189,18 @@ fn run_installations(ctx: Arc<Context>, stop: watch::Receiver<bool>) -> BoxFutur
     };
     Box::pin(installation::controller::run(
         ctx.client.clone(),
+        operator,
         Some(identity),
         ctx.recorder.clone(),
         stopped(stop),
     ))
 }
 
-fn run_baopolicies(ctx: Arc<Context>, stop: watch::Receiver<bool>) -> BoxFuture<'static, ()> {
+fn run_baopolicies(
+    ctx: Arc<Context>,
+    _: &RunArgs,
+    stop: watch::Receiver<bool>,
+) -> BoxFuture<'static, ()> {
     Box::pin(async move {
         Controller::new(Api::<Lenient<BaoPolicy>>::all(ctx.client.clone()), watcher::Config::default())
             .graceful_shutdown_on(stopped(stop))
@@ -266,6 +291,7 @@ fn openbao_client(args: &RunArgs) -> Result<OpenBao, String> {
         ca_pem,
         namespace: args.openbao_namespace.clone(),
         timeout: None,
+        allow_plain_http: args.openbao_allow_plain_http,
     })
     .map_err(|e| e.to_string())
 }
@@ -288,6 +314,7 @@ fn identity_source(args: &RunArgs) -> Result<IdentitySource, String> {
             mount: args.auth_mount.clone(),
             role: role.clone(),
             jwt_file: args.operator_jwt_file.clone(),
+            audience: args.operator_jwt_audience.clone(),
         })
     } else {
         Err("no OpenBao identity for the operator: set --operator-role, --openbao-token-file or --openbao-token-secret".into())
@@ -395,6 +422,7 @@ async fn supervise(
 /// 10 s) and releases the Lease on a clean stop.
 async fn lead(
     ctx: &Arc<Context>,
+    args: &RunArgs,
     lease: &Option<LeaderLease>,
     stop_tx: &watch::Sender<bool>,
     signal: impl Future<Output = ()>,
@@ -407,7 +435,11 @@ async fn lead(
     let mut tasks = JoinSet::new();
     for (name, start) in CONTROLLERS {
         tracing::info!(controller = name, "starting controller");
-        spawn_controller(&mut tasks, name, start(ctx.clone(), stop_tx.subscribe()));
+        spawn_controller(
+            &mut tasks,
+            name,
+            start(ctx.clone(), args, stop_tx.subscribe()),
+        );
     }
     let lost = async {
         match lease {
@@ -455,6 +487,8 @@ async fn run(args: RunArgs) -> Result<(), String> {
     };
     let server = tokio::spawn(server::serve(args.metrics_addr, probes, stopped(stop_rx)));
     let ctx = shared_context(&args, client.clone(), bao, source, &holder, metrics).await?;
+    // Ready also means the operator's own OpenBao identity answers (server::Health).
+    health.ready_with(ctx.ready_check());
     ready.store(true, Ordering::SeqCst);
 
     let lease = leader_lease(&args, &client, &holder);
@@ -471,7 +505,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
         }
         tracing::info!(holder = %holder, "leading: starting controllers");
     }
-    let result = lead(&ctx, &lease, &stop_tx, signal).await;
+    let result = lead(&ctx, &args, &lease, &stop_tx, signal).await;
     if let Err(why) = &result {
         health.fail(why);
     }
@@ -503,6 +537,28 @@ async fn main() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_http_needs_the_flag_and_the_projected_openbao_token_is_the_default() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["kubebao-operator", "--openbao-addr=http://127.0.0.1:8200"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).unwrap().run
+        };
+        let args = parse(&["--operator-role=kubebao"]);
+        let e = openbao_client(&args).unwrap_err();
+        assert!(e.contains("--openbao-allow-plain-http"), "{e}");
+        assert!(openbao_client(&parse(&["--openbao-allow-plain-http"])).is_ok());
+        match identity_source(&args).unwrap() {
+            IdentitySource::Kubernetes {
+                jwt_file, audience, ..
+            } => {
+                assert_eq!(jwt_file, PathBuf::from("/var/run/secrets/openbao/token"));
+                assert_eq!(audience, "openbao");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     /// A controller that panics or stops on its own ends the supervision with an error naming
     /// it (the process then fails /healthz and exits non-zero); a signal ends it cleanly.

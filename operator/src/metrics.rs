@@ -24,6 +24,13 @@ pub struct OpenBaoLabels {
     pub result: String,
 }
 
+/// Labels of a per-object cache.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    /// `last_checks`, `failure_counts`, `tenant_tokens`.
+    pub cache: String,
+}
+
 /// The operator's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -37,6 +44,8 @@ pub struct Metrics {
     pub rollout_restarts: Counter,
     /// 1 while this replica holds the leader Lease.
     pub leader: Gauge,
+    /// Entries in each per-object cache (they shrink when objects go).
+    pub cached_objects: Family<CacheLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -47,6 +56,7 @@ impl Default for Metrics {
         let secret_writes = Counter::default();
         let rollout_restarts = Counter::default();
         let leader = Gauge::default();
+        let cached_objects = Family::<CacheLabels, Gauge>::default();
         registry.register(
             "reconciles",
             "Reconciles by kind and result",
@@ -72,6 +82,11 @@ impl Default for Metrics {
             "1 while this replica is the leader",
             leader.clone(),
         );
+        registry.register(
+            "cached_objects",
+            "Entries in each per-object cache (pruned when objects are deleted)",
+            cached_objects.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -79,6 +94,7 @@ impl Default for Metrics {
             secret_writes,
             rollout_restarts,
             leader,
+            cached_objects,
         }
     }
 }
@@ -92,6 +108,15 @@ impl Metrics {
                 result: result.into(),
             })
             .inc();
+    }
+
+    /// Sets the size of the per-object cache `cache`.
+    pub fn cached(&self, cache: &str, entries: usize) {
+        self.cached_objects
+            .get_or_create(&CacheLabels {
+                cache: cache.into(),
+            })
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
     }
 
     /// Counts one OpenBao request that ended with `result` (`ok` or an error kind).

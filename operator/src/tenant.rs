@@ -3,7 +3,8 @@
 //! revocation of forgotten tokens follow the one set of rules in `kubebao_openbao::tokens`;
 //! this module only says how a tenant proves who it is and names the failures.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::ServiceAccount;
@@ -70,6 +71,9 @@ pub enum TenantError {
 /// The tenants' OpenBao tokens, one per identity.
 pub struct TenantTokens {
     cache: TokenCache<TenantIdentity>,
+    /// The identities tokens were handed out for (noted after each call, so a sweep never
+    /// misses one the cache holds).
+    held: Mutex<HashSet<TenantIdentity>>,
 }
 
 impl TenantTokens {
@@ -89,7 +93,38 @@ impl TenantTokens {
             };
             metrics.openbao_request(op, result);
         });
-        Self { cache }
+        Self {
+            cache,
+            held: Mutex::default(),
+        }
+    }
+
+    /// How many identities have a cached token.
+    pub fn cached_identities(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// The identities held that are not in `in_use` (no BaoSecret reads as them any more),
+    /// no longer counted as held; pass them to [`TenantTokens::forget`].
+    pub fn unused(&self, in_use: &HashSet<TenantIdentity>) -> Vec<TenantIdentity> {
+        let mut held = self.held.lock().expect("held identities lock");
+        let unused = held.difference(in_use).cloned().collect();
+        held.retain(|id| in_use.contains(id));
+        unused
+    }
+
+    /// Forgets `identities` and revokes the tokens KubeBao logged in for.
+    pub async fn forget(&self, identities: &[TenantIdentity]) {
+        for id in identities {
+            self.cache.forget(id).await;
+        }
+    }
+
+    fn note(&self, id: &TenantIdentity) {
+        let mut held = self.held.lock().expect("held identities lock");
+        if !held.contains(id) {
+            held.insert(id.clone());
+        }
     }
 
     /// A token for `id`: the held one while fresh, else a renewal or a login.
@@ -99,11 +134,9 @@ impl TenantTokens {
         bao: &OpenBao,
         id: &TenantIdentity,
     ) -> Result<SecretString, TenantError> {
-        self.cache
-            .token(id, bao, || credentials(kube, id))
-            .await
-            .map(|t| t.secret)
-            .map_err(|e| tenant_error(id, e))
+        let token = self.cache.token(id, bao, || credentials(kube, id)).await;
+        self.note(id);
+        token.map(|t| t.secret).map_err(|e| tenant_error(id, e))
     }
 
     /// After OpenBao answered 403 to `rejected`: a token to retry with once when `rejected`
@@ -115,9 +148,12 @@ impl TenantTokens {
         id: &TenantIdentity,
         rejected: &SecretString,
     ) -> Result<Option<SecretString>, TenantError> {
-        self.cache
+        let token = self
+            .cache
             .denied(id, bao, rejected, || credentials(kube, id))
-            .await
+            .await;
+        self.note(id);
+        token
             .map(|t| t.map(|t| t.secret))
             .map_err(|e| tenant_error(id, e))
     }
@@ -160,4 +196,34 @@ async fn credentials(kube: &kube::Client, id: &TenantIdentity) -> Result<Credent
         role: id.role.clone(),
         jwt: SecretString::new(jwt),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(service_account: &str) -> TenantIdentity {
+        TenantIdentity {
+            namespace: "team".into(),
+            service_account: service_account.into(),
+            role: "team".into(),
+            mount: "kubernetes".into(),
+            audience: "openbao".into(),
+        }
+    }
+
+    #[test]
+    fn identities_no_baosecret_uses_are_handed_out_once_to_be_forgotten() {
+        let tokens = TenantTokens::new(Arc::new(Metrics::default()));
+        for sa in ["a", "b", "c"] {
+            tokens.note(&identity(sa));
+        }
+        let in_use = HashSet::from([identity("a")]);
+        let mut unused = tokens.unused(&in_use);
+        unused.sort_by(|x, y| x.service_account.cmp(&y.service_account));
+        assert_eq!(unused, [identity("b"), identity("c")]);
+        assert!(tokens.unused(&in_use).is_empty());
+        // The one still in use goes once nothing uses it either.
+        assert_eq!(tokens.unused(&HashSet::new()), [identity("a")]);
+    }
 }

@@ -47,6 +47,8 @@ fn start_operator(bed: &Testbed, n: usize, token_file: &std::path::Path) -> Oper
     let args: Vec<String> = [
         "--openbao-addr",
         bed.openbao().addr(),
+        // The test bed's OpenBao listens on loopback over plain http.
+        "--openbao-allow-plain-http",
         "--openbao-token-file",
         &token_file.display().to_string(),
         "--namespace",

@@ -104,6 +104,8 @@ async fn flux_and_argocd_see_synced_objects_healthy_and_failing_ones_degraded() 
         Path::new(env!("CARGO_BIN_EXE_kubebao-operator")),
         &[
             format!("--openbao-addr={}", bao.addr()),
+            // The test bed's OpenBao listens on loopback over plain http.
+            "--openbao-allow-plain-http".into(),
             format!("--openbao-token-file={}", token_file.display()),
             "--namespace=default".into(),
             "--leader-elect=false".into(),

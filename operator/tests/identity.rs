@@ -80,6 +80,8 @@ async fn the_operator_logs_in_as_its_service_account_and_keeps_working_past_its_
         Path::new(env!("CARGO_BIN_EXE_kubebao-operator")),
         &[
             format!("--openbao-addr={}", bao.addr()),
+            // The test bed's OpenBao listens on loopback over plain http.
+            "--openbao-allow-plain-http".into(),
             "--operator-role=kubebao-operator".into(),
             format!("--operator-jwt-file={}", jwt.display()),
             format!("--namespace={ns}"),
@@ -157,4 +159,95 @@ async fn the_operator_logs_in_as_its_service_account_and_keeps_working_past_its_
         !log.contains(&std::fs::read_to_string(&jwt).expect("jwt")),
         "the ServiceAccount token never appears in logs"
     );
+}
+
+#[tokio::test]
+async fn a_token_for_the_api_server_never_reaches_openbao() {
+    let bed = Testbed::shared().await;
+    bed.enable_kubernetes_auth().await;
+    let bao = bed.openbao();
+    let ns = bed.namespace("kubebao-refused").await;
+    bed.service_account(&ns, "kubebao-operator").await;
+    bao.root(
+        Method::POST,
+        "auth/kubernetes/role/kubebao-refused",
+        Some(json!({
+            "bound_service_account_names": ["kubebao-operator"],
+            "bound_service_account_namespaces": [ns],
+            "token_policies": ["default"],
+        })),
+    )
+    .await;
+    // The token every pod gets by default: for the Kubernetes API server.
+    let api_token = bed
+        .service_account_token(
+            &ns,
+            "kubebao-operator",
+            "https://kubernetes.default.svc",
+            3600,
+        )
+        .await;
+    let jwt = bed.dir().join("operator-api-server-token");
+    std::fs::write(&jwt, &api_token).expect("token file");
+    bed.install_crds();
+
+    let kubeconfig = bed.kubeconfig().display().to_string();
+    let mut operator = Component::start_with_env(
+        "kubebao-operator-refused",
+        bed.dir(),
+        Path::new(env!("CARGO_BIN_EXE_kubebao-operator")),
+        &[
+            format!("--openbao-addr={}", bao.addr()),
+            // The test bed's OpenBao listens on loopback over plain http.
+            "--openbao-allow-plain-http".into(),
+            "--operator-role=kubebao-refused".into(),
+            format!("--operator-jwt-file={}", jwt.display()),
+            format!("--namespace={ns}"),
+            "--leader-elect=false".into(),
+            format!("--metrics-addr=127.0.0.1:{}", free_port()),
+        ],
+        &[("KUBECONFIG", &kubeconfig)],
+    );
+    // Writing a policy needs the operator's identity, so it tries to log in.
+    bed.apply(
+        "apiVersion: kubebao.io/v1alpha1\nkind: BaoPolicy\nmetadata: {name: identity-refused}\nspec:\n  rules:\n    - path: \"secret/data/refused/*\"\n      capabilities: [read]\n",
+    );
+    let log_path = operator.log_path().to_path_buf();
+    let role = bao.audit_hash("kubebao-refused").await;
+    let refusal = "Mount a projected ServiceAccount token with audience";
+    // Until the operator refuses its token, or (the failure) OpenBao sees a login with it.
+    wait_for("the operator to refuse its token", WAIT, || {
+        operator.assert_running();
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let sent = !bao.audit().logins("kubernetes", "role", &role).is_empty();
+        async move {
+            if log.contains(refusal) || sent {
+                Ok(())
+            } else {
+                Err("no refusal logged yet".to_string())
+            }
+        }
+    })
+    .await;
+    // A marker request after the refusal: once it is audited, anything sent before it is too.
+    let mark = bao.audit().len();
+    bao.root(Method::GET, "sys/policies/acl/default", None)
+        .await;
+    wait_for("the marker in the audit log", WAIT, || async move {
+        let after = bao.audit().since(mark);
+        match after.count("sys/policies/acl/default", "read") {
+            0 => Err("marker not audited yet".to_string()),
+            _ => Ok(()),
+        }
+    })
+    .await;
+    let logins = bao.audit().logins("kubernetes", "role", &role);
+    assert!(
+        logins.is_empty(),
+        "the API server's token was sent to OpenBao: {:?}",
+        logins.requests
+    );
+    let log = std::fs::read_to_string(operator.log_path()).expect("operator log");
+    assert!(log.contains(refusal), "the refusal says what to do");
+    assert!(!log.contains(&api_token), "the token never appears in logs");
 }

@@ -120,6 +120,8 @@ async fn one_installation_prepares_openbao_installs_the_plugin_and_encrypts_etcd
         Path::new(env!("CARGO_BIN_EXE_kubebao-operator")),
         &[
             format!("--openbao-addr={}", bao.addr()),
+            // The test bed's OpenBao listens on loopback over plain http.
+            "--openbao-allow-plain-http".into(),
             format!("--openbao-token-file={}", token_file.display()),
             "--namespace=kube-system".into(),
             "--leader-elect=false".into(),
@@ -279,10 +281,9 @@ async fn one_installation_prepares_openbao_installs_the_plugin_and_encrypts_etcd
         .get("kubebao-csi")
         .await
         .expect("CSI ClusterRole");
-    assert_eq!(
-        role.rules.unwrap()[0].resources.as_ref().unwrap(),
-        &["serviceaccounts/token"]
-    );
+    let rules = role.rules.unwrap();
+    assert_eq!(rules.len(), 1, "TokenReview only: {rules:?}");
+    assert_eq!(rules[0].resources.as_ref().unwrap(), &["tokenreviews"]);
     Api::<ClusterRoleBinding>::all(client.clone())
         .get("kubebao-csi")
         .await

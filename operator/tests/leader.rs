@@ -53,6 +53,8 @@ async fn start_operator(bed: &Testbed, n: usize) -> Operator {
     let name = format!("operator-{n}");
     let args: Vec<String> = vec![
         format!("--openbao-addr={}", bao.addr()),
+        // The test bed's OpenBao listens on loopback over plain http.
+        "--openbao-allow-plain-http".into(),
         format!("--openbao-token-file={}", token_file.display()),
         format!("--namespace={NS}"),
         format!("--pod-name={name}"),

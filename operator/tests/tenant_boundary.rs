@@ -71,6 +71,8 @@ async fn setup() -> &'static Setup {
             let args: Vec<String> = [
                 "--openbao-addr",
                 bao.addr(),
+                // The test bed's OpenBao listens on loopback over plain http.
+                "--openbao-allow-plain-http",
                 "--openbao-token-file",
                 token_file.to_str().unwrap(),
                 "--namespace",

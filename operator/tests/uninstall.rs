@@ -296,6 +296,8 @@ async fn rewrites_skip_no_secret_and_kms_is_removed_only_after_migrating_off() {
         Path::new(env!("CARGO_BIN_EXE_kubebao-operator")),
         &[
             format!("--openbao-addr={}", bao.addr()),
+            // The test bed's OpenBao listens on loopback over plain http.
+            "--openbao-allow-plain-http".into(),
             format!("--openbao-token-file={}", token_file.display()),
             "--namespace=kube-system".into(),
             "--leader-elect=false".into(),

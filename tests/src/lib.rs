@@ -26,7 +26,10 @@ mod process;
 mod testbed;
 mod wait;
 
-pub use node::{CSI_DRIVER_NAME, HostState, NODE_NAME, Node, NodeOptions};
+pub use node::{
+    CSI_DRIVER_NAME, CsiDriver, CsiDriverOptions, HostState, NODE_NAME, Node, NodeOptions,
+    SERVICE_IP, install_secrets_store_crds,
+};
 pub use openbao::{Audit, AuditedRequest, OpenBaoServer};
 pub use paths::Binaries;
 pub use pki::Pki;

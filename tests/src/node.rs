@@ -17,14 +17,20 @@
 //! 127.0.0.1 and the API server reaches it by its Hostname address.
 
 mod config;
+mod csi;
 mod host;
+mod services;
 
+pub use csi::{CsiDriver, CsiDriverOptions, install_secrets_store_crds};
+use services::Forwarder;
+pub use services::SERVICE_IP;
+
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Node as NodeObject;
-use k8s_openapi::api::storage::v1::CSINode;
 use kube::api::{Api, DeleteParams};
 
 pub use host::HostState;
@@ -64,6 +70,10 @@ pub struct Node {
     root_dir: PathBuf,
     static_pod_dir: PathBuf,
     provider_dir: Option<PathBuf>,
+    /// The CSI driver when `NodeOptions::csi_driver` asked for it; stopped first.
+    csi_driver: Option<CsiDriver>,
+    /// Host services pods reach on [`SERVICE_IP`] (the API server first).
+    forwarders: Vec<Forwarder>,
     pause_image: String,
     /// `flock` holding [`LOCK_PATH`] until its stdin closes.
     lock: Option<std::process::Child>,
@@ -79,7 +89,6 @@ impl Node {
     pub async fn start_with(bed: &Testbed, options: NodeOptions) -> Node {
         assert_root();
         let bins = NodeBinaries::locate();
-        let csi = options.csi_driver.then(CsiBinaries::locate);
         let lock = tokio::task::spawn_blocking(take_lock)
             .await
             .expect("node lock");
@@ -106,21 +115,36 @@ impl Node {
             root_dir: dir.join("kubelet"),
             static_pod_dir: dir.join("manifests"),
             provider_dir: None,
+            csi_driver: None,
+            forwarders: Vec::new(),
             pause_image: bins.pause_image_ref.clone(),
             lock: Some(lock),
         };
         node.start_node(bed, &bins).await;
+        services::add_service_ip();
+        let apiserver: SocketAddr = bed
+            .apiserver_url()
+            .trim_start_matches("https://")
+            .parse()
+            .expect("the API server's address");
+        node.expose_to_pods(443, apiserver);
         eprintln!("node: Ready in {:.1?}", started.elapsed());
-        if let Some(csi) = csi {
-            let providers = options
+        if options.csi_driver {
+            let provider_dir = options
                 .csi_provider_dir
                 .unwrap_or_else(|| dir.join("providers"));
-            let started = Instant::now();
-            node.start_csi_driver(bed, &csi, providers).await;
-            eprintln!(
-                "node: CSI driver registered with the kubelet in {:.1?}",
-                started.elapsed()
-            );
+            let driver = CsiDriver::start(
+                bed,
+                &node,
+                CsiDriverOptions {
+                    provider_dir: provider_dir.clone(),
+                    rotation_poll_interval: None,
+                    csi_driver_object: None,
+                },
+            )
+            .await;
+            node.csi_driver = Some(driver);
+            node.provider_dir = Some(provider_dir);
         }
         node
     }
@@ -315,83 +339,14 @@ impl Node {
         .await;
     }
 
-    /// The CSI driver as a host process with its socket in the kubelet's plugin directory, and
-    /// the registrar that announces it to the kubelet; returns once the CSINode lists it.
-    async fn start_csi_driver(&mut self, bed: &Testbed, bins: &CsiBinaries, providers: PathBuf) {
-        for file in [
-            "secrets-store.csi.x-k8s.io_secretproviderclasses.yaml",
-            "secrets-store.csi.x-k8s.io_secretproviderclasspodstatuses.yaml",
-            "csidriver.yaml",
-        ] {
-            let path = bins.deploy.join(file);
-            bed.kubectl(&["apply", "--server-side", "-f", &path.display().to_string()]);
-        }
-        // The driver's controller watches SecretProviderClassPodStatuses from its start.
-        bed.kubectl(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/secretproviderclasses.secrets-store.csi.x-k8s.io",
-            "crd/secretproviderclasspodstatuses.secrets-store.csi.x-k8s.io",
-        ]);
-        std::fs::create_dir_all(&providers).expect("create the CSI provider dir");
-        let plugin_dir = self.root_dir.join("plugins/csi-secrets-store");
-        let registry = self.root_dir.join("plugins_registry");
-        std::fs::create_dir_all(&plugin_dir).expect("create the CSI plugin dir");
-        std::fs::create_dir_all(&registry).expect("create the plugin registry dir");
-        let socket = plugin_dir.join("csi.sock");
-        let providers_arg = providers.display().to_string();
-        let kubeconfig = bed.kubeconfig().display().to_string();
-        let driver = Component::start_with_env(
-            "secrets-store-csi-driver",
-            &self.logs,
-            &bins.driver,
-            &[
-                format!("--endpoint=unix://{}", socket.display()),
-                format!("--nodeid={NODE_NAME}"),
-                format!("--provider-volume={providers_arg}"),
-                format!("--additional-provider-volume-paths={providers_arg}"),
-                format!("--metrics-addr=127.0.0.1:{}", free_port()),
-                "--v=2".into(),
-            ],
-            &[("KUBECONFIG", &kubeconfig)],
-        );
-        self.components.push(driver);
-        let registrar = Component::start(
-            "csi-registrar",
-            &self.logs,
-            &bins.registrar,
-            &[
-                format!("--driver-name={CSI_DRIVER_NAME}"),
-                format!("--csi-address={}", socket.display()),
-                format!("--plugin-registration-dir={}", registry.display()),
-            ],
-        );
-        self.components.push(registrar);
-        self.provider_dir = Some(providers);
-        let csinodes: Api<CSINode> = Api::all(bed.client().await);
-        let n = self.components.len();
-        wait_for(
-            "the kubelet to register the CSI driver (CSINode)",
-            Duration::from_secs(60),
-            || {
-                for c in &mut self.components[n - 2..] {
-                    c.assert_running();
-                }
-                let csinodes = csinodes.clone();
-                async move {
-                    let csinode = csinodes.get(NODE_NAME).await.map_err(|e| e.to_string())?;
-                    let drivers: Vec<String> =
-                        csinode.spec.drivers.into_iter().map(|d| d.name).collect();
-                    if drivers.iter().any(|d| d == CSI_DRIVER_NAME) {
-                        Ok(())
-                    } else {
-                        Err(format!("CSINode lists {drivers:?}"))
-                    }
-                }
-            },
-        )
-        .await;
+    /// Lets pods reach `target` (on the host's loopback) at `SERVICE_IP:port`, as long as the
+    /// node runs; returns that address. The API server is on port 443 from the start, where
+    /// pods' in-cluster configuration (`KUBERNETES_SERVICE_HOST`) looks for it.
+    pub fn expose_to_pods(&mut self, port: u16, target: SocketAddr) -> SocketAddr {
+        let forwarder = Forwarder::start(port, target);
+        let address = forwarder.address();
+        self.forwarders.push(forwarder);
+        address
     }
 
     /// The host as it was before this node started (captured under the node lock).
@@ -409,6 +364,8 @@ impl Node {
     fn stop_and_restore(&mut self) -> Option<HostState> {
         let mut lock = self.lock.take()?;
         let started = Instant::now();
+        drop(self.csi_driver.take());
+        self.forwarders.clear();
         while let Some(mut component) = self.components.pop() {
             component.stop();
         }
@@ -459,22 +416,6 @@ impl NodeBinaries {
 }
 
 /// The Secrets Store CSI driver, its registrar and its manifests (CRDs, CSIDriver).
-struct CsiBinaries {
-    driver: PathBuf,
-    registrar: PathBuf,
-    deploy: PathBuf,
-}
-
-impl CsiBinaries {
-    fn locate() -> Self {
-        Self {
-            driver: installed("KUBEBAO_CSI_DRIVER", "the Secrets Store CSI driver"),
-            registrar: installed("KUBEBAO_CSI_REGISTRAR", "the CSI driver's registrar"),
-            deploy: installed("KUBEBAO_CSI_DRIVER_DEPLOY", "the CSI driver's manifests"),
-        }
-    }
-}
-
 fn assert_root() {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let uid = status

@@ -320,6 +320,8 @@ audit "file" "{AUDIT_DEVICE}" {{
             // Generous: init and unseal on raft are slow on a busy 2-core machine, and a
             // timed-out init cannot be retried (its keys would be lost).
             timeout: Some(Duration::from_secs(60)),
+            // The test bed's server listens on loopback only.
+            allow_plain_http: true,
             ..Default::default()
         })
         .expect("client")

@@ -57,6 +57,8 @@ impl Pki {
             .push(DnType::CommonName, "kube-apiserver");
         serving.subject_alt_names = vec![
             SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            // How pods on a node reach the API server and OpenBao (node/services.rs).
+            SanType::IpAddress(IpAddr::V4(crate::node::SERVICE_IP)),
             SanType::DnsName("localhost".try_into().expect("dns name")),
             SanType::DnsName("kubernetes.default.svc".try_into().expect("dns name")),
         ];

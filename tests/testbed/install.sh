@@ -131,12 +131,23 @@ write_kubernetes_module() {
   } >"$mod/go.mod"
 }
 
+# Helm's release builds set the Kubernetes version `helm template` and `helm lint` assume (that of
+# its client-go) with -X flags; without them a source build assumes v1.20 and refuses charts with a
+# newer kubeVersion. Same flags as helm's Makefile, so the bed's helm behaves like users' helm.
+HELM_K8S_VERSION="${HELM_K8S_VERSION:-1.34}"
+helm_kube_version_ldflags() {
+  local major="${HELM_K8S_VERSION%%.*}" minor="${HELM_K8S_VERSION#*.}" pkg
+  for pkg in pkg/chartutil pkg/lint/rules; do
+    printf -- '-X helm.sh/helm/v3/%s.k8sVersionMajor=%s -X helm.sh/helm/v3/%s.k8sVersionMinor=%s ' "$pkg" "$major" "$pkg" "$minor"
+  done
+}
+
 install_helm() {
-  local dir="$CACHE/helm-$HELM_VERSION"
+  local dir="$CACHE/helm-$HELM_VERSION-k8s$HELM_K8S_VERSION"
   if [ -x "$dir/helm" ]; then log "helm $HELM_VERSION: cached"; return; fi
   log "helm $HELM_VERSION: building helm.sh/helm/v3 from the Go module proxy"
   with_progress "go install helm" "$CACHE/build/helm-$HELM_VERSION.log" \
-    sh -c "mkdir -p '$dir.tmp' && GOBIN='$dir.tmp' go install -trimpath -ldflags '-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION' helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+    sh -c "mkdir -p '$dir.tmp' && GOBIN='$dir.tmp' go install -trimpath -ldflags '-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION $(helm_kube_version_ldflags)' helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
   rm -rf "$dir" && mv "$dir.tmp" "$dir"
 }
 
@@ -275,7 +286,7 @@ KUBEBAO_ETCD=$CACHE/etcd-$ETCD_VERSION/etcd
 KUBEBAO_KUBE_APISERVER=$CACHE/kubernetes-$KUBERNETES_VERSION/kube-apiserver
 KUBEBAO_KUBE_CONTROLLER_MANAGER=$CACHE/kubernetes-$KUBERNETES_VERSION/kube-controller-manager
 KUBEBAO_KUBECTL=$CACHE/kubernetes-$KUBERNETES_VERSION/kubectl
-KUBEBAO_HELM=$CACHE/helm-$HELM_VERSION/helm
+KUBEBAO_HELM=$CACHE/helm-$HELM_VERSION-k8s$HELM_K8S_VERSION/helm
 KUBEBAO_GITOPS_HEALTH=$GITOPS_HEALTH_DIR/gitops-health
 KUBEBAO_KUBELET=$CACHE/kubernetes-$KUBERNETES_VERSION/kubelet
 KUBEBAO_KUBE_SCHEDULER=$CACHE/kubernetes-$KUBERNETES_VERSION/kube-scheduler

@@ -164,3 +164,71 @@ fn chart_crds_are_the_generated_crds() {
         "charts/kubebao/files/crds is stale: run `make crds` and commit it"
     );
 }
+
+/// Maps whose keys are the user's own (labels, annotations, node selectors, resource names).
+const FREE_FORM: [&str; 5] = [
+    "nodeSelector",
+    "annotations",
+    "labels",
+    "requests",
+    "limits",
+];
+
+/// Every map of values.yaml where the schema knows the keys, as a path of keys.
+fn keyed_maps(value: &serde_json::Value, path: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+    let Some(map) = value.as_object() else { return };
+    if path.last().is_some_and(|k| FREE_FORM.contains(&k.as_str())) {
+        return;
+    }
+    out.push(path.clone());
+    for (key, child) in map {
+        path.push(key.clone());
+        keyed_maps(child, path, out);
+        path.pop();
+    }
+}
+
+#[test]
+fn values_schema_refuses_a_misspelt_key_at_every_level() {
+    let helm = Binaries::locate().helm;
+    let values: serde_json::Value = serde_saphyr::from_str(
+        &std::fs::read_to_string(repo().join("charts/kubebao/values.yaml")).expect("values.yaml"),
+    )
+    .expect("values.yaml");
+    let mut maps = Vec::new();
+    keyed_maps(&values, &mut Vec::new(), &mut maps);
+    // Empty by default, typed by the schema all the same.
+    maps.push(vec!["operator".into(), "affinity".into()]);
+    assert!(
+        maps.len() >= 15,
+        "expected every level of values.yaml, found {maps:?}"
+    );
+    for path in maps {
+        // A typo users make: the first key of the map with a letter doubled, or a made-up key.
+        let typo = values
+            .pointer(&format!("/{}", path.join("/")))
+            .and_then(|m| m.as_object())
+            .and_then(|m| m.keys().next().cloned())
+            .map(|k| format!("{k}{}", k.chars().last().unwrap_or('x')))
+            .unwrap_or_else(|| "nodeAfinity".into());
+        let mut key = path.clone();
+        key.push(typo.clone());
+        let out = Command::new(&helm)
+            .current_dir(repo())
+            .args(["template", "kubebao", "charts/kubebao", "--set"])
+            .arg(format!("{}=true", key.join(".")))
+            .output()
+            .expect("run helm");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "the misspelt key {} was accepted",
+            key.join(".")
+        );
+        assert!(
+            stderr.contains(&typo),
+            "the error for {} names the key: {stderr}",
+            key.join(".")
+        );
+    }
+}

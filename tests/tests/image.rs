@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use kubebao_testbed::node_image::{kubebao_binaries, write_kubebao_image};
 use serde_json::Value;
 
 const BINARIES: [&str; 4] = [
@@ -89,44 +90,6 @@ fn expected_tag() -> String {
         "the chart's image and the operator's default image (DEFAULT_IMAGE) differ"
     );
     tag
-}
-
-/// Builds the four debug binaries into this test's target dir and copies them into `dir`, so
-/// that a concurrent rebuild cannot change them between the two image builds.
-fn debug_binaries(dir: &Path) {
-    let exe = std::env::current_exe().expect("test executable");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps");
-    let target_dir = profile_dir.parent().expect("target dir");
-    let mut cargo = Command::new(option_env!("CARGO").unwrap_or("cargo"));
-    cargo
-        .current_dir(repo())
-        .args(["build", "-q", "--bins", "--target-dir"]);
-    cargo.arg(target_dir);
-    for bin in BINARIES {
-        cargo.args(["-p", bin]);
-    }
-    run(&mut cargo);
-    for bin in BINARIES {
-        std::fs::copy(profile_dir.join(bin), dir.join(bin)).expect("copy binary");
-    }
-}
-
-fn write_image(bin_dir: &Path, tag: &str, out: &Path) -> String {
-    run(Command::new("python3")
-        .arg(repo().join("image/write_image.py"))
-        .arg("--bin-dir")
-        .arg(bin_dir)
-        .args(["--tag", tag, "--label"])
-        .arg(concat!(
-            "org.opencontainers.image.version=",
-            env!("CARGO_PKG_VERSION")
-        ))
-        .arg("--out")
-        .arg(out)
-        .env("SOURCE_DATE_EPOCH", "1700000000"))
 }
 
 /// The blob a descriptor names, after checking its size and digest; returns its path.
@@ -455,10 +418,13 @@ fn image_tarball_is_complete_valid_and_reproducible() {
     for d in [&bins, &layout, &rootfs] {
         std::fs::create_dir(d).expect("mkdir");
     }
-    debug_binaries(&bins);
+    kubebao_binaries(&bins);
 
     let (a, b) = (dir.path().join("a.tar"), dir.path().join("b.tar"));
-    let (out_a, out_b) = (write_image(&bins, &tag, &a), write_image(&bins, &tag, &b));
+    let (out_a, out_b) = (
+        write_kubebao_image(&bins, &a),
+        write_kubebao_image(&bins, &b),
+    );
     assert!(
         out_a.contains("digest   sha256:"),
         "the build prints the digest: {out_a}"

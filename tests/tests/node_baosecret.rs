@@ -58,6 +58,7 @@ async fn start_operator(bed: &Testbed, bin: &std::path::Path) -> Component {
         bin,
         &[
             format!("--openbao-addr={}", bao.addr()),
+            "--openbao-allow-plain-http".into(),
             format!("--openbao-token-file={}", token_file.display()),
             "--namespace=kubebao-system".into(),
             "--pod-name=operator-0".into(),

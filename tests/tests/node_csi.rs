@@ -81,7 +81,7 @@ async fn set_password(bed: &Testbed, password: &str) {
 
 /// The CSI provider's objects exactly as the operator renders them (its snapshot, checked by
 /// `csi_objects_match_the_snapshot`), changed only where this node needs it: the provider
-/// directory the driver uses, OpenBao's loopback address (plain HTTP, so no CA), a free health
+/// directory the driver uses, OpenBao's loopback address (plain HTTP, allowed, so no CA), a free health
 /// port, the image imported into containerd, and `hostNetwork` (pods here have no route to
 /// 127.0.0.1, where OpenBao listens).
 fn provider_objects(bed: &Testbed, image: &str, provider_dir: &Path, port: u16) -> Vec<Value> {
@@ -101,7 +101,7 @@ fn provider_objects(bed: &Testbed, image: &str, provider_dir: &Path, port: u16) 
     let c = &mut spec["containers"][0];
     c["image"] = json!(image);
     c["imagePullPolicy"] = json!("Never");
-    let args: Vec<Value> = c["args"]
+    let mut args: Vec<Value> = c["args"]
         .as_array()
         .expect("args")
         .iter()
@@ -118,6 +118,8 @@ fn provider_objects(bed: &Testbed, image: &str, provider_dir: &Path, port: u16) 
         })
         .map(Value::from)
         .collect();
+    // The bed's OpenBao address is plain http on loopback.
+    args.push(Value::from("--openbao-allow-plain-http"));
     c["args"] = json!(args);
     c["ports"][0]["containerPort"] = json!(port);
     c["livenessProbe"]["httpGet"]["port"] = json!(port);

@@ -192,6 +192,9 @@ async fn main() {
         &[
             format!("--provider-dir={}", providers.display()),
             format!("--openbao-addr={}", bao.addr()),
+            // The test bed's OpenBao listens on plain http on loopback.
+            "--openbao-allow-plain-http".into(),
+            format!("--kubeconfig={}", bed.kubeconfig().display()),
             "--audience=openbao".into(),
             format!("--object-version-key-file={}", key.display()),
             format!("--listen=127.0.0.1:{port}"),

@@ -69,6 +69,33 @@ pub enum MountError {
         /// Why.
         reason: String,
     },
+    /// The ServiceAccount token the request carries does not prove the pod's identity.
+    #[error(
+        "the ServiceAccount token sent for pod {namespace}/{pod} does not prove that it runs as \
+         {namespace}/{service_account}: {reason}; the driver must send the pod's own token \
+         (CSIDriver tokenRequests)"
+    )]
+    BadToken {
+        /// Pod namespace.
+        namespace: String,
+        /// Pod name.
+        pod: String,
+        /// The ServiceAccount the request claims.
+        service_account: String,
+        /// What the Kubernetes API said instead (never the token).
+        reason: String,
+    },
+    /// Too many Mounts at once: the agent bounds its memory.
+    #[error(
+        "the agent is already serving {in_flight} Mounts with {waiting} more waiting; this one is \
+         refused so memory stays bounded, and the driver retries it"
+    )]
+    Busy {
+        /// Mounts being served.
+        in_flight: usize,
+        /// Mounts waiting.
+        waiting: usize,
+    },
     /// The pod's token may not read the path.
     #[error(
         "permission denied on {path} for {who} (objects {objects:?}): {message}; grant the role's policy \
@@ -144,6 +171,8 @@ impl MountError {
             MountError::Unavailable(_) => "openbao_unavailable",
             MountError::LoginRefused { .. } => "login_refused",
             MountError::NoToken { .. } => "no_token",
+            MountError::BadToken { .. } => "bad_token",
+            MountError::Busy { .. } => "busy",
             MountError::PermissionDenied { .. } => "permission_denied",
             MountError::NotFound { .. } => "not_found",
             MountError::KeyNotFound { .. } => "key_not_found",
@@ -160,7 +189,8 @@ impl MountError {
             MountError::BadParameter { .. } | MountError::BadValue { .. } => {
                 tonic::Code::InvalidArgument
             }
-            MountError::Unavailable(_) => tonic::Code::Unavailable,
+            MountError::Unavailable(_) | MountError::Busy { .. } => tonic::Code::Unavailable,
+            MountError::BadToken { .. } => tonic::Code::Unauthenticated,
             MountError::LoginRefused { .. } => tonic::Code::Unauthenticated,
             MountError::NoToken { .. } => tonic::Code::FailedPrecondition,
             MountError::PermissionDenied { .. } => tonic::Code::PermissionDenied,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 use kubebao_csi::metrics::Metrics;
 use kubebao_csi::provider::{Provider, Settings};
-use kubebao_csi::server;
+use kubebao_csi::server::{self, Health};
 
 /// Serves the Secrets Store CSI driver's provider API for OpenBao.
 #[derive(Parser, Debug)]
@@ -29,6 +29,10 @@ struct Args {
     /// CA bundle (PEM) for OpenBao's certificate, when a SecretProviderClass sets none.
     #[arg(long, env = "KUBEBAO_CSI_OPENBAO_CA_CERT")]
     openbao_ca_cert: Option<PathBuf>,
+    /// Allow plain http:// to an OpenBao on a loopback address (tests, a local dev server).
+    /// Never for a remote address.
+    #[arg(long, env = "KUBEBAO_OPENBAO_ALLOW_PLAIN_HTTP")]
+    openbao_allow_plain_http: bool,
     /// OpenBao namespace, when a SecretProviderClass sets none.
     #[arg(long, env = "KUBEBAO_CSI_OPENBAO_NAMESPACE")]
     openbao_namespace: Option<String>,
@@ -38,7 +42,7 @@ struct Args {
     /// ServiceAccount token audience, when a SecretProviderClass sets none ("" = the API server's default).
     #[arg(long, env = "KUBEBAO_CSI_AUDIENCE", default_value = "")]
     audience: String,
-    /// Kubeconfig for TokenRequests (default: in-cluster config).
+    /// Kubeconfig for TokenRequests and TokenReviews (default: in-cluster config).
     #[arg(long, env = "KUBEBAO_CSI_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
     /// Lifetime of the pod tokens the agent requests when the driver sends none.
@@ -48,7 +52,7 @@ struct Args {
     /// random key is made per process (versions then change once per restart).
     #[arg(long, env = "KUBEBAO_CSI_OBJECT_VERSION_KEY_FILE")]
     object_version_key_file: Option<PathBuf>,
-    /// Address for /metrics and /healthz.
+    /// Address for /metrics, /healthz and /readyz.
     #[arg(long, env = "KUBEBAO_CSI_LISTEN", default_value = "127.0.0.1:8788")]
     listen: SocketAddr,
     /// Largest MountResponse, in bytes (the driver's default gRPC limit is 4 MiB).
@@ -125,6 +129,7 @@ async fn run(args: Args) -> Result<(), String> {
         openbao_addr,
         openbao_ca_cert: args.openbao_ca_cert.clone(),
         openbao_namespace: args.openbao_namespace.clone(),
+        allow_plain_http: args.openbao_allow_plain_http,
         auth_mount: args.auth_mount.trim_matches('/').to_string(),
         audience: args.audience.clone(),
         kubeconfig: args.kubeconfig.clone(),
@@ -133,6 +138,12 @@ async fn run(args: Args) -> Result<(), String> {
         openbao_timeout: Duration::from_secs(args.openbao_timeout_seconds),
     };
     let provider = Arc::new(Provider::new(settings, key, metrics.clone()));
+    // A default address the flags cannot use (plain http elsewhere than loopback, a bad CA
+    // file) is reported now, not at the first Mount.
+    let default_openbao = provider
+        .default_client()
+        .transpose()
+        .map_err(|e| format!("--openbao-addr: {e}"))?;
 
     let http = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -145,7 +156,8 @@ async fn run(args: Args) -> Result<(), String> {
         version = env!("CARGO_PKG_VERSION"),
         "kubebao-csi serving"
     );
-    let router = server::http_router(metrics);
+    let health = Arc::new(Health::new(socket.clone(), default_openbao));
+    let router = server::http_router(metrics, health.clone());
     tokio::spawn(async move {
         if let Err(e) = axum::serve(http, router).await {
             tracing::error!("metrics server stopped: {e}");
@@ -155,6 +167,7 @@ async fn run(args: Args) -> Result<(), String> {
         listener,
         socket,
         provider,
+        health,
         shutdown_signal(),
         Duration::from_secs(10),
     )

@@ -28,17 +28,21 @@ pub struct Metrics {
     pub mounts: Family<ResultLabel, Counter>,
     /// Mount latency.
     pub mount_seconds: Histogram,
-    /// HTTP requests to OpenBao by kind (login, read, write, renew; renew_token, lookup_token,
-    /// revoke_token for the pods' OpenBao tokens).
+    /// HTTP requests to OpenBao by kind (login, read, write, renew and lookup_lease for
+    /// dynamic secrets' leases; renew_token, lookup_token, revoke_token for the pods' OpenBao
+    /// tokens).
     pub openbao_requests: Family<KindLabel, Counter>,
     /// OpenBao token cache lookups by result (hit, miss).
     pub token_cache: Family<ResultLabel, Counter>,
     /// Kubernetes-auth logins by result (ok, refused, error).
     pub logins: Family<ResultLabel, Counter>,
-    /// Dynamic-secret lease cache lookups by result (hit, miss, renewed).
+    /// Dynamic-secret lease cache events by result (hit, miss, renewed; dropped: renewal
+    /// failed, OpenBao no longer knows the lease, or it is near its end).
     pub lease_cache: Family<ResultLabel, Counter>,
     /// TokenRequests to the Kubernetes API by result.
     pub token_requests: Family<ResultLabel, Counter>,
+    /// TokenReviews of the ServiceAccount tokens the driver sends, by result (ok, refused, error).
+    pub token_reviews: Family<ResultLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -80,7 +84,7 @@ impl Metrics {
         let lease_cache = Family::<ResultLabel, Counter>::default();
         registry.register(
             "lease_cache",
-            "Dynamic secret lease cache lookups by result",
+            "Dynamic secret lease cache events by result",
             lease_cache.clone(),
         );
         let token_requests = Family::<ResultLabel, Counter>::default();
@@ -88,6 +92,12 @@ impl Metrics {
             "token_requests",
             "Kubernetes TokenRequests for pods by result",
             token_requests.clone(),
+        );
+        let token_reviews = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "token_reviews",
+            "TokenReviews of the ServiceAccount tokens sent by the driver, by result",
+            token_reviews.clone(),
         );
         Self {
             registry,
@@ -98,6 +108,7 @@ impl Metrics {
             logins,
             lease_cache,
             token_requests,
+            token_reviews,
         }
     }
 

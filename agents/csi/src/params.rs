@@ -3,15 +3,24 @@
 //!
 //! Both KubeBao's names (`openbaoAddress`, …) and vault-csi-provider's (`vaultAddress`, …) are
 //! accepted, so a SecretProviderClass written for vault-csi-provider works after changing only
-//! `provider:`.
+//! `provider:`. Two names of one setting given different values are refused, never resolved
+//! by a precedence the author cannot see.
 
-use std::collections::{BTreeMap, BTreeSet};
+mod objects;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use kubebao_openbao::SecretString;
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::error::MountError;
+
+pub use objects::{
+    Encoding, FetchMethod, KeySelector, MAX_NAME, MAX_OBJECTS, MAX_OBJECTS_TEXT, MAX_SEGMENT,
+    ObjectSpec, RequestKey, check_object_name, parse_objects,
+};
 
 /// Driver-added attribute keys.
 pub const POD_NAME: &str = "csi.storage.k8s.io/pod.name";
@@ -23,6 +32,10 @@ pub const POD_UID: &str = "csi.storage.k8s.io/pod.uid";
 pub const SA_NAME: &str = "csi.storage.k8s.io/serviceAccount.name";
 /// ServiceAccount tokens attribute (CSIDriver `tokenRequests`).
 pub const SA_TOKENS: &str = "csi.storage.k8s.io/serviceAccount.tokens";
+
+/// Largest `attributes` accepted, in bytes: the SecretProviderClass parameters (`objects` is
+/// at most `MAX_OBJECTS_TEXT`) plus the pod's information and tokens.
+pub const MAX_ATTRIBUTES: usize = 256 * 1024;
 
 /// Everything one Mount needs, validated.
 #[derive(Debug, Clone)]
@@ -41,8 +54,8 @@ pub struct MountParams {
     pub namespace: Option<String>,
     /// The pod being mounted.
     pub pod: PodInfo,
-    /// The objects to mount, in the order given.
-    pub objects: Vec<ObjectSpec>,
+    /// The objects to mount, in the order given (shared with the parse cache).
+    pub objects: Arc<Vec<ObjectSpec>>,
     /// File mode for objects without `filePermission` (the request's `permission`).
     pub default_mode: u32,
 }
@@ -62,136 +75,7 @@ pub struct PodInfo {
     pub tokens: BTreeMap<String, SecretString>,
 }
 
-/// Which part of a secret's data an object takes.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum KeySelector {
-    /// No `secretKey`: the whole data map as JSON.
-    Whole,
-    /// `secretKey: name`: one value (a dotted name reaches into nested JSON when no key has that exact name).
-    One(String),
-    /// `secretKey: "*"`: every key as its own file under a directory named `objectName`.
-    Each,
-}
-
-/// How a stored value is decoded before it is written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Encoding {
-    /// Written as stored.
-    Utf8,
-    /// The stored value is base64; the file gets the decoded bytes.
-    Base64,
-    /// The stored value is hex; the file gets the decoded bytes.
-    Hex,
-}
-
-/// The HTTP method used to fetch a secret.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum FetchMethod {
-    /// GET (KV, database credentials); `secretArgs` become query parameters.
-    Get,
-    /// PUT with `secretArgs` as the JSON body.
-    Put,
-    /// POST with `secretArgs` as the JSON body (e.g. PKI issue).
-    Post,
-}
-
-impl FetchMethod {
-    /// The HTTP method.
-    pub fn http(self) -> http::Method {
-        match self {
-            FetchMethod::Get => http::Method::GET,
-            FetchMethod::Put => http::Method::PUT,
-            FetchMethod::Post => http::Method::POST,
-        }
-    }
-}
-
-/// One entry of `objects`.
-#[derive(Debug, Clone)]
-pub struct ObjectSpec {
-    /// File (or directory, for `secretKey: "*"`) name relative to the mount.
-    pub name: String,
-    /// OpenBao API path, without `/v1/`.
-    pub path: String,
-    /// Which key(s) to take.
-    pub key: KeySelector,
-    /// How to call the path.
-    pub method: FetchMethod,
-    /// Query parameters (GET) or request body (PUT/POST).
-    pub args: Map<String, Value>,
-    /// How the stored value is encoded.
-    pub encoding: Encoding,
-    /// File mode, if set.
-    pub mode: Option<u32>,
-}
-
-impl ObjectSpec {
-    /// The identity of the OpenBao call this object needs: objects sharing it share one fetch.
-    pub fn request_key(&self) -> RequestKey {
-        RequestKey {
-            path: self.path.clone(),
-            method: self.method,
-            // serde_json maps are sorted (no preserve_order), so this is canonical.
-            args: Value::Object(self.args.clone()).to_string(),
-        }
-    }
-}
-
-/// A distinct (path, method, args) to fetch once per Mount.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RequestKey {
-    /// API path.
-    pub path: String,
-    /// Method.
-    pub method: FetchMethod,
-    /// Canonical JSON of the arguments.
-    pub args: String,
-}
-
-/// The `objects` entry as written in YAML (field names as vault-csi-provider's).
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RawObject {
-    object_name: Option<String>,
-    secret_path: Option<String>,
-    #[serde(default)]
-    secret_key: Option<String>,
-    #[serde(default)]
-    method: Option<String>,
-    #[serde(default)]
-    secret_args: Option<Map<String, Value>>,
-    #[serde(default)]
-    encoding: Option<String>,
-    #[serde(default)]
-    file_permission: Option<FilePermission>,
-}
-
-/// `filePermission` as written: the scalar's text, so `0640` is not read as the number 640.
-struct FilePermission(Value);
-
-impl<'de> Deserialize<'de> for FilePermission {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = FilePermission;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("an octal file mode like \"0640\"")
-            }
-            fn visit_str<E>(self, s: &str) -> Result<FilePermission, E> {
-                Ok(FilePermission(Value::String(s.to_string())))
-            }
-            fn visit_u64<E>(self, n: u64) -> Result<FilePermission, E> {
-                Ok(FilePermission(Value::from(n)))
-            }
-            fn visit_i64<E>(self, n: i64) -> Result<FilePermission, E> {
-                Ok(FilePermission(Value::from(n)))
-            }
-        }
-        d.deserialize_str(V)
-    }
-}
-
-fn bad(name: &str, reason: impl Into<String>) -> MountError {
+pub(crate) fn bad(name: &str, reason: impl Into<String>) -> MountError {
     MountError::BadParameter {
         name: name.to_string(),
         reason: reason.into(),
@@ -204,6 +88,16 @@ struct Attributes(BTreeMap<String, String>);
 
 impl Attributes {
     fn parse(attributes: &str) -> Result<Self, MountError> {
+        if attributes.len() > MAX_ATTRIBUTES {
+            return Err(bad(
+                "attributes",
+                format!(
+                    "{} bytes, more than {MAX_ATTRIBUTES}: the SecretProviderClass parameters are \
+                     too large; split the objects over several SecretProviderClasses",
+                    attributes.len()
+                ),
+            ));
+        }
         let attrs: BTreeMap<String, Value> = serde_json::from_str(attributes)
             .map_err(|e| bad("attributes", format!("not a JSON object: {e}")))?;
         Ok(Self(
@@ -220,38 +114,69 @@ impl Attributes {
         ))
     }
 
-    /// The first of `names` that is set and not blank, trimmed.
-    fn get(&self, names: &[&str]) -> Option<String> {
-        names
-            .iter()
-            .find_map(|n| self.0.get(*n))
+    /// `name`, trimmed, unless unset or blank.
+    fn get(&self, name: &str) -> Option<String> {
+        self.0
+            .get(name)
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
+    }
+
+    /// The one value of a setting that has several names (`names`, KubeBao's first), each
+    /// value seen through `normal`; two names with different values are refused.
+    fn one_of(
+        &self,
+        names: &[&str],
+        normal: impl Fn(&str) -> String,
+    ) -> Result<Option<String>, MountError> {
+        let mut found: Option<(&str, String)> = None;
+        for name in names {
+            let Some(value) = self.get(name).map(|v| normal(&v)) else {
+                continue;
+            };
+            match &found {
+                Some((first, v)) if *v != value => {
+                    return Err(bad(
+                        first,
+                        format!(
+                            "{first} is {v:?} but {name} is {value:?}: they name one setting; \
+                             keep one of them"
+                        ),
+                    ));
+                }
+                Some(_) => {}
+                None => found = Some((name, value)),
+            }
+        }
+        Ok(found.map(|(_, v)| v))
     }
 }
 
 /// Parses a Mount request's `attributes` and `permission`.
 pub fn parse(attributes: &str, permission: &str) -> Result<MountParams, MountError> {
     let attrs = Attributes::parse(attributes)?;
-    let role = attrs.get(&["roleName"]).ok_or_else(|| {
+    let role = attrs.get("roleName").ok_or_else(|| {
         bad(
             "roleName",
             "missing: set it to the OpenBao Kubernetes-auth role the pod logs in as",
         )
     })?;
     refuse_unsupported(&attrs)?;
-    let address = attrs.get(&["openbaoAddress", "vaultAddress"]);
+    let same = |v: &str| v.to_string();
+    let address = attrs.one_of(&["openbaoAddress", "vaultAddress"], |a| {
+        a.trim_end_matches('/').to_string()
+    })?;
     if let Some(a) = &address
         && !(a.starts_with("http://") || a.starts_with("https://"))
     {
         return Err(bad(
             "openbaoAddress",
-            format!("{a:?} must start with http:// or https://"),
+            format!("{a:?} must start with https:// (or http:// to a loopback OpenBao)"),
         ));
     }
     let auth_mount = auth_mount(&attrs)?;
     let pod = pod_info(&attrs)?;
-    let objects_yaml = attrs.get(&["objects"]).ok_or_else(|| {
+    let objects_yaml = attrs.get("objects").ok_or_else(|| {
         bad(
             "objects",
             "missing: list the secrets to mount (objectName, secretPath, secretKey)",
@@ -261,11 +186,11 @@ pub fn parse(attributes: &str, permission: &str) -> Result<MountParams, MountErr
         role,
         address,
         auth_mount,
-        audience: attrs.get(&["audience"]),
-        ca_cert_path: attrs.get(&["openbaoCACertPath", "vaultCACertPath"]),
-        namespace: attrs.get(&["openbaoNamespace", "vaultNamespace"]),
+        audience: attrs.get("audience"),
+        ca_cert_path: attrs.one_of(&["openbaoCACertPath", "vaultCACertPath"], same)?,
+        namespace: attrs.one_of(&["openbaoNamespace", "vaultNamespace"], same)?,
         pod,
-        objects: cached_objects(&objects_yaml)?,
+        objects: objects::cached_objects(&objects_yaml)?,
         default_mode: parse_permission(permission)?,
     })
 }
@@ -290,47 +215,46 @@ fn refuse_unsupported(attrs: &Attributes) -> Result<(), MountError> {
             "client certificates are not supported",
         ),
     ] {
-        if attrs.get(&[name]).is_some() {
+        if attrs.get(name).is_some() {
             return Err(bad(name, format!("not supported by kubebao: {what}")));
         }
     }
-    if let Some(skip) = attrs.get(&["vaultSkipTLSVerify", "openbaoSkipTLSVerify"]) {
-        match skip.as_str() {
-            "false" | "False" | "FALSE" | "0" => {}
-            _ => {
-                return Err(bad(
-                    "vaultSkipTLSVerify",
-                    "kubebao never skips TLS verification: give the CA bundle with \
-                     openbaoCACertPath (or vaultCACertPath) instead",
-                ));
-            }
-        }
+    let skip = attrs.one_of(&["openbaoSkipTLSVerify", "vaultSkipTLSVerify"], |v| {
+        v.to_ascii_lowercase()
+    })?;
+    match skip.as_deref() {
+        None | Some("false") | Some("0") => Ok(()),
+        Some(_) => Err(bad(
+            "vaultSkipTLSVerify",
+            "kubebao never skips TLS verification: give the CA bundle with \
+             openbaoCACertPath (or vaultCACertPath) instead",
+        )),
     }
-    Ok(())
 }
 
 /// The Kubernetes auth mount, without `auth/` and slashes.
 fn auth_mount(attrs: &Attributes) -> Result<Option<String>, MountError> {
-    let auth_mount = attrs
-        .get(&[
+    let auth_mount = attrs.one_of(
+        &[
             "openbaoAuthMountPath",
             "vaultAuthMountPath",
             "vaultKubernetesMountPath",
-        ])
-        .map(|m| {
+        ],
+        |m| {
             // vault-csi-provider accepts both "kubernetes" and "auth/kubernetes".
             let m = m.trim_matches('/');
             m.strip_prefix("auth/").unwrap_or(m).to_string()
-        });
+        },
+    )?;
     if let Some(m) = &auth_mount {
-        check_api_path("openbaoAuthMountPath", m)?;
+        objects::check_api_path("openbaoAuthMountPath", m)?;
     }
     Ok(auth_mount)
 }
 
 /// The pod the driver mounts for, from the attributes it adds.
 fn pod_info(attrs: &Attributes) -> Result<PodInfo, MountError> {
-    let required = |name: &str| attrs.get(&[name]).ok_or_else(|| missing_pod(name));
+    let required = |name: &str| attrs.get(name).ok_or_else(|| missing_pod(name));
     Ok(PodInfo {
         name: required(POD_NAME)?,
         namespace: required(POD_NAMESPACE)?,
@@ -388,216 +312,6 @@ fn parse_permission(raw: &str) -> Result<u32, MountError> {
         ));
     }
     Ok(mode)
-}
-
-/// `parse_objects`, remembered per distinct YAML text: every rotation poll of every pod of a
-/// SecretProviderClass sends the same text, and YAML parsing is most of a warm Mount's CPU.
-fn cached_objects(yaml: &str) -> Result<Vec<ObjectSpec>, MountError> {
-    use std::collections::HashMap;
-    use std::sync::{Arc, Mutex, OnceLock};
-    static CACHE: OnceLock<Mutex<HashMap<String, Arc<Vec<ObjectSpec>>>>> = OnceLock::new();
-    let cache = CACHE.get_or_init(Default::default);
-    if let Some(hit) = cache.lock().expect("objects cache").get(yaml) {
-        return Ok(hit.as_ref().clone());
-    }
-    let parsed = parse_objects(yaml)?;
-    let mut map = cache.lock().expect("objects cache");
-    if map.len() >= 512 {
-        map.clear();
-    }
-    map.insert(yaml.to_string(), Arc::new(parsed.clone()));
-    Ok(parsed)
-}
-
-/// Parses the `objects` YAML list.
-pub fn parse_objects(yaml: &str) -> Result<Vec<ObjectSpec>, MountError> {
-    let raw: Vec<RawObject> = serde_saphyr::from_str(yaml).map_err(|e| {
-        bad(
-            "objects",
-            format!("not a YAML list of objects (objectName, secretPath, secretKey, method, secretArgs, encoding, filePermission): {e}"),
-        )
-    })?;
-    if raw.is_empty() {
-        return Err(bad(
-            "objects",
-            "the list is empty: name at least one object",
-        ));
-    }
-    let mut names = BTreeSet::new();
-    let objects = raw
-        .into_iter()
-        .enumerate()
-        .map(|(i, r)| parse_object(i, r, &mut names))
-        .collect::<Result<Vec<_>, _>>()?;
-    check_nesting(&names)?;
-    Ok(objects)
-}
-
-/// One entry of `objects` (the `i`th); its name must not be in `names` yet.
-fn parse_object(
-    i: usize,
-    r: RawObject,
-    names: &mut BTreeSet<String>,
-) -> Result<ObjectSpec, MountError> {
-    let at = |field: &str| format!("objects[{i}].{field}");
-    let name = r
-        .object_name
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| bad(&at("objectName"), "missing"))?;
-    check_object_name(&name).map_err(|reason| bad(&at("objectName"), reason))?;
-    if !names.insert(name.clone()) {
-        return Err(bad(
-            &at("objectName"),
-            format!("{name:?} is used by more than one object; each file needs its own name"),
-        ));
-    }
-    let path = r
-        .secret_path
-        .map(|s| s.trim().trim_matches('/').to_string())
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| bad(&at("secretPath"), format!("missing for {name:?}")))?;
-    check_api_path(&at("secretPath"), &path)?;
-    let key = match r.secret_key.as_deref().map(str::trim) {
-        None | Some("") => KeySelector::Whole,
-        Some("*") => KeySelector::Each,
-        Some(k) => KeySelector::One(k.to_string()),
-    };
-    let method = parse_method(r.method.as_deref()).map_err(|reason| bad(&at("method"), reason))?;
-    let encoding =
-        parse_encoding(r.encoding.as_deref()).map_err(|reason| bad(&at("encoding"), reason))?;
-    let mode = r
-        .file_permission
-        .map(|v| parse_file_permission(&v.0))
-        .transpose()
-        .map_err(|reason| bad(&at("filePermission"), reason))?;
-    Ok(ObjectSpec {
-        name,
-        path,
-        key,
-        method,
-        args: r.secret_args.unwrap_or_default(),
-        encoding,
-        mode,
-    })
-}
-
-/// `method`: GET (the default), PUT or POST, in any case.
-fn parse_method(raw: Option<&str>) -> Result<FetchMethod, String> {
-    match raw.map(|m| m.trim().to_ascii_uppercase()).as_deref() {
-        None | Some("") | Some("GET") => Ok(FetchMethod::Get),
-        Some("PUT") => Ok(FetchMethod::Put),
-        Some("POST") => Ok(FetchMethod::Post),
-        Some(other) => Err(format!("{other:?} is not one of GET, PUT, POST")),
-    }
-}
-
-/// `encoding`: utf-8 (the default), base64 or hex, in any case.
-fn parse_encoding(raw: Option<&str>) -> Result<Encoding, String> {
-    match raw.map(|e| e.trim().to_ascii_lowercase()).as_deref() {
-        None | Some("") | Some("utf-8") | Some("utf8") => Ok(Encoding::Utf8),
-        Some("base64") => Ok(Encoding::Base64),
-        Some("hex") => Ok(Encoding::Hex),
-        Some(other) => Err(format!("{other:?} is not one of utf-8, base64, hex")),
-    }
-}
-
-/// "a" and "a/b" cannot both exist: one would be a file and a directory at once.
-fn check_nesting(names: &BTreeSet<String>) -> Result<(), MountError> {
-    for a in names {
-        let prefix = format!("{a}/");
-        if let Some(b) = names.range(prefix.clone()..).next()
-            && b.starts_with(&prefix)
-        {
-            return Err(bad(
-                "objects",
-                format!("objectName {a:?} is both a file and the directory of {b:?}"),
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// `filePermission`: octal digits as written ("0640", 0640, 640, "0o640"), like chmod.
-fn parse_file_permission(v: &Value) -> Result<u32, String> {
-    let mode = match v {
-        Value::String(s) => {
-            let s = s.trim();
-            let digits = s.strip_prefix("0o").unwrap_or(s);
-            u32::from_str_radix(digits, 8)
-                .map_err(|_| format!("{s:?} is not an octal file mode like \"0640\""))?
-        }
-        Value::Number(n) => {
-            let n = n
-                .as_u64()
-                .ok_or_else(|| format!("{n} is not a file mode"))?;
-            if n > 0o777 {
-                return Err(format!(
-                    "{n} is not a file mode; write it as an octal string like \"0640\""
-                ));
-            }
-            n as u32
-        }
-        other => return Err(format!("{other} is not a file mode like \"0640\"")),
-    };
-    if mode > 0o777 {
-        return Err(format!("{mode:o} is more than 0777"));
-    }
-    Ok(mode)
-}
-
-/// An objectName becomes a path under the pod's mount: it must stay inside it.
-pub fn check_object_name(name: &str) -> Result<(), String> {
-    if name.contains('\0') {
-        return Err("contains a NUL byte".into());
-    }
-    if name.starts_with('/') {
-        return Err(format!(
-            "{name:?} is an absolute path; use a relative file name"
-        ));
-    }
-    if name.len() > 1024 {
-        return Err("is longer than 1024 bytes".into());
-    }
-    for segment in name.split('/') {
-        match segment {
-            "" => {
-                return Err(format!(
-                    "{name:?} has an empty path segment (\"//\" or a trailing \"/\")"
-                ));
-            }
-            "." | ".." => {
-                return Err(format!(
-                    "{name:?} contains {segment:?}; object names must stay inside the mount"
-                ));
-            }
-            s if s.len() > 255 => {
-                return Err(format!("a segment of {name:?} is longer than 255 bytes"));
-            }
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
-/// An OpenBao API path from a parameter: no traversal, query or fragment.
-fn check_api_path(name: &str, path: &str) -> Result<(), MountError> {
-    if path.contains(['?', '#', '\0', '\\']) {
-        return Err(bad(
-            name,
-            format!("{path:?} contains '?', '#', '\\\\' or NUL; give arguments with secretArgs"),
-        ));
-    }
-    if path
-        .split('/')
-        .any(|s| s == ".." || s == "." || s.is_empty())
-    {
-        return Err(bad(
-            name,
-            format!("{path:?} has an empty, \".\" or \"..\" segment"),
-        ));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -677,60 +391,6 @@ mod tests {
     }
 
     #[test]
-    fn file_permissions_are_octal() {
-        let objs = parse_objects(
-            "- {objectName: a, secretPath: x/a, filePermission: \"0640\"}\n- {objectName: b, secretPath: x/b, filePermission: 0600}\n- {objectName: c, secretPath: x/c, filePermission: 0o400}\n",
-        )
-        .unwrap();
-        assert_eq!(objs[0].mode, Some(0o640));
-        assert_eq!(objs[1].mode, Some(0o600));
-        assert_eq!(objs[2].mode, Some(0o400));
-        // Written like chmod: digits are octal, quoted or not.
-        let plain =
-            parse_objects("- {objectName: a, secretPath: x/a, filePermission: 640}").unwrap();
-        assert_eq!(plain[0].mode, Some(0o640));
-        assert!(parse_objects("- {objectName: a, secretPath: x/a, filePermission: 999}").is_err());
-        assert!(parse_objects("- {objectName: a, secretPath: x/a, filePermission: 1777}").is_err());
-    }
-
-    #[test]
-    fn object_names_must_stay_inside_the_mount() {
-        for name in ["../etc/passwd", "/abs", "a//b", "a/", "a/../b", ".", "a\0b"] {
-            assert!(check_object_name(name).is_err(), "{name:?} accepted");
-        }
-        for name in ["a", "dir/file.pem", "..hidden", "a..b"] {
-            assert!(check_object_name(name).is_ok(), "{name:?} refused");
-        }
-    }
-
-    #[test]
-    fn duplicate_and_conflicting_names_are_refused() {
-        let dup = parse_objects(
-            "- {objectName: a, secretPath: x/a}\n- {objectName: a, secretPath: x/b}\n",
-        )
-        .unwrap_err();
-        assert!(dup.to_string().contains("more than one object"), "{dup}");
-        let nested = parse_objects(
-            "- {objectName: a, secretPath: x/a}\n- {objectName: a/b, secretPath: x/b}\n",
-        )
-        .unwrap_err();
-        assert!(
-            nested.to_string().contains("both a file and the directory"),
-            "{nested}"
-        );
-    }
-
-    #[test]
-    fn unknown_object_fields_and_bad_values_name_the_field() {
-        let e = parse_objects("- {objectName: a, secretPath: x/a, secretKy: p}").unwrap_err();
-        assert!(e.to_string().contains("secretKy"), "{e}");
-        let e = parse_objects("- {objectName: a, secretPath: x/a, method: DELETE}").unwrap_err();
-        assert!(e.to_string().contains("objects[0].method"), "{e}");
-        let e = parse_objects("- {objectName: a, secretPath: ../sys/x}").unwrap_err();
-        assert!(e.to_string().contains("objects[0].secretPath"), "{e}");
-    }
-
-    #[test]
     fn token_parse_errors_do_not_echo_tokens() {
         let e = parse(
             &attrs(json!({"roleName": "r", "objects": "- {objectName: a, secretPath: x/a}", SA_TOKENS: "{\"aud\": \"eyJsecret"})),
@@ -738,5 +398,61 @@ mod tests {
         )
         .unwrap_err();
         assert!(!e.to_string().contains("eyJsecret"), "{e}");
+    }
+
+    #[test]
+    fn two_names_of_one_setting_with_different_values_are_refused() {
+        let objects = "- {objectName: a, secretPath: x/a}";
+        let cases = [
+            (
+                json!({"openbaoAddress": "https://a:8200", "vaultAddress": "https://b:8200"}),
+                "vaultAddress",
+            ),
+            (
+                json!({"openbaoCACertPath": "/a.pem", "vaultCACertPath": "/b.pem"}),
+                "vaultCACertPath",
+            ),
+            (
+                json!({"openbaoNamespace": "a", "vaultNamespace": "b"}),
+                "vaultNamespace",
+            ),
+            (
+                json!({"vaultAuthMountPath": "k8s", "vaultKubernetesMountPath": "kubernetes"}),
+                "vaultKubernetesMountPath",
+            ),
+            (
+                json!({"openbaoAuthMountPath": "a", "vaultAuthMountPath": "b"}),
+                "vaultAuthMountPath",
+            ),
+        ];
+        for (extra, second) in cases {
+            let mut extra = extra;
+            extra["roleName"] = json!("r");
+            extra["objects"] = json!(objects);
+            let err = parse(&attrs(extra.clone()), "420").expect_err(&extra.to_string());
+            let msg = err.to_string();
+            assert!(
+                msg.contains(second) && msg.contains("keep one of them"),
+                "{msg}"
+            );
+        }
+        // The same setting under both names, written alike or equivalently: accepted.
+        let p = parse(
+            &attrs(json!({"roleName": "r", "objects": objects,
+                "openbaoAddress": "https://a:8200/", "vaultAddress": "https://a:8200",
+                "vaultAuthMountPath": "auth/k8s", "vaultKubernetesMountPath": "/k8s/",
+                "openbaoSkipTLSVerify": "false", "vaultSkipTLSVerify": "FALSE"})),
+            "420",
+        )
+        .unwrap();
+        assert_eq!(p.address.as_deref(), Some("https://a:8200"));
+        assert_eq!(p.auth_mount.as_deref(), Some("k8s"));
+    }
+
+    #[test]
+    fn oversized_attributes_are_refused_before_parsing() {
+        let huge = "x".repeat(MAX_ATTRIBUTES);
+        let err = parse(&attrs(json!({"roleName": "r", "objects": huge})), "420").unwrap_err();
+        assert!(err.to_string().contains("more than 262144"), "{err}");
     }
 }

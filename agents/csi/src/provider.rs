@@ -1,21 +1,33 @@
-//! One Mount: parse, log in as the pod, fetch each distinct secret once (in parallel), render
-//! files and versions.
+//! One Mount: parse, prove and log in as the pod, fetch each distinct secret once (at most
+//! `MAX_READS_IN_FLIGHT` at a time), render files and versions.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex as StdMutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
+use futures::StreamExt;
 use kubebao_openbao::{ClientConfig, Error as BaoError, OpenBao, SecretString};
 use kubebao_proto::csi::{File, MountResponse, ObjectVersion};
 use prost::Message;
 use serde_json::{Map, Value};
 
+use crate::bounded::BoundedMap;
 use crate::error::{MountError, Who};
-use crate::identity::{Identities, IdentityKey, KubeClient};
+use crate::identity::{Identities, IdentityKey, KubeClient, MAX_IDENTITIES};
+use crate::leases::{LeaseKey, Leases};
 use crate::metrics::Metrics;
 use crate::params::{self, FetchMethod, MountParams, RequestKey};
 use crate::render::{self, Versioner};
+
+/// Most OpenBao reads one Mount has in flight: parallel enough for a many-object
+/// SecretProviderClass, without one Mount opening dozens of connections at once.
+pub const MAX_READS_IN_FLIGHT: usize = 8;
+/// Most OpenBao clients (distinct address, CA file, namespace) kept. Each holds its TLS roots
+/// and connection pool (about 100 KiB with the system roots), and the identities whose tokens
+/// were made with an evicted client are forgotten with it, so SecretProviderClasses naming
+/// ever new addresses cannot grow the agent.
+const MAX_CLIENTS: usize = 64;
 
 /// Agent-wide settings (flags).
 #[derive(Debug, Clone)]
@@ -26,11 +38,14 @@ pub struct Settings {
     pub openbao_ca_cert: Option<PathBuf>,
     /// OpenBao namespace when the SecretProviderClass names none.
     pub openbao_namespace: Option<String>,
+    /// Plain http:// to a loopback OpenBao is allowed (the agent's flag only: a
+    /// SecretProviderClass cannot turn it on).
+    pub allow_plain_http: bool,
     /// Kubernetes auth mount when the SecretProviderClass names none.
     pub auth_mount: String,
     /// Token audience when the SecretProviderClass names none ("" = the API server's default).
     pub audience: String,
-    /// Kubeconfig for TokenRequests (else in-cluster).
+    /// Kubeconfig for TokenRequests and TokenReviews (else in-cluster).
     pub kubeconfig: Option<PathBuf>,
     /// Lifetime asked for in TokenRequests.
     pub token_request_seconds: i64,
@@ -38,6 +53,24 @@ pub struct Settings {
     pub max_response_bytes: usize,
     /// Per-request timeout to OpenBao.
     pub openbao_timeout: Duration,
+}
+
+impl Default for Settings {
+    /// The flags' defaults.
+    fn default() -> Self {
+        Self {
+            openbao_addr: None,
+            openbao_ca_cert: None,
+            openbao_namespace: None,
+            allow_plain_http: false,
+            auth_mount: "kubernetes".into(),
+            audience: String::new(),
+            kubeconfig: None,
+            token_request_seconds: 600,
+            max_response_bytes: 4 * 1024 * 1024,
+            openbao_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// One OpenBao client per (address, CA file, namespace).
@@ -48,46 +81,11 @@ pub struct Provider {
     settings: Settings,
     identities: Identities,
     leases: Leases,
-    clients: StdMutex<HashMap<ClientKey, OpenBao>>,
+    clients: BoundedMap<ClientKey, OpenBao>,
+    /// The client each identity's token is held with (the token cache keeps that client).
+    client_of: BoundedMap<IdentityKey, ClientKey>,
     versioner: Versioner,
     metrics: Arc<Metrics>,
-}
-
-/// A dynamic secret kept for one pod while its lease is valid.
-#[derive(Clone)]
-struct LeaseEntry {
-    data: Map<String, Value>,
-    lease_id: String,
-    lease_duration: Duration,
-    renewable: bool,
-    expires_at: Instant,
-}
-
-#[derive(Clone, PartialEq, Eq, Hash)]
-struct LeaseKey {
-    pod_uid: String,
-    identity: IdentityKey,
-    request: RequestKey,
-}
-
-#[derive(Default)]
-struct Leases {
-    map: StdMutex<HashMap<LeaseKey, LeaseEntry>>,
-}
-
-impl Leases {
-    fn get(&self, key: &LeaseKey) -> Option<LeaseEntry> {
-        self.map.lock().expect("lease lock").get(key).cloned()
-    }
-    fn put(&self, key: LeaseKey, entry: LeaseEntry) {
-        let mut map = self.map.lock().expect("lease lock");
-        let now = Instant::now();
-        map.retain(|_, e| e.expires_at > now);
-        map.insert(key, entry);
-    }
-    fn remove(&self, key: &LeaseKey) {
-        self.map.lock().expect("lease lock").remove(key);
-    }
 }
 
 /// What one Mount did, for logs and the caller.
@@ -99,18 +97,26 @@ pub struct MountOutcome {
 }
 
 impl Provider {
-    /// A provider with empty caches.
+    /// A provider with empty caches, reaching Kubernetes through `settings.kubeconfig`.
     pub fn new(settings: Settings, version_key: Vec<u8>, metrics: Arc<Metrics>) -> Self {
-        let identities = Identities::new(
-            KubeClient::new(settings.kubeconfig.clone()),
-            settings.token_request_seconds,
-            metrics.clone(),
-        );
+        let kube = KubeClient::new(settings.kubeconfig.clone());
+        Self::with_kube(settings, version_key, metrics, kube)
+    }
+
+    /// A provider with empty caches, reaching Kubernetes through `kube`.
+    pub fn with_kube(
+        settings: Settings,
+        version_key: Vec<u8>,
+        metrics: Arc<Metrics>,
+        kube: KubeClient,
+    ) -> Self {
+        let identities = Identities::new(kube, settings.token_request_seconds, metrics.clone());
         Self {
             settings,
             identities,
-            leases: Leases::default(),
-            clients: StdMutex::new(HashMap::new()),
+            leases: Leases::new(metrics.clone()),
+            clients: BoundedMap::new(MAX_CLIENTS, usize::MAX),
+            client_of: BoundedMap::new(MAX_IDENTITIES, usize::MAX),
             versioner: Versioner::new(version_key),
             metrics,
         }
@@ -119,6 +125,19 @@ impl Provider {
     /// The metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The client for the agent's default OpenBao (`--openbao-addr`), if one is set; Err when
+    /// the flags do not make a usable client (checked at start).
+    pub fn default_client(&self) -> Option<Result<OpenBao, MountError>> {
+        let address = self.settings.openbao_addr.as_deref()?;
+        let ca = self
+            .settings
+            .openbao_ca_cert
+            .as_ref()
+            .map(|p| p.display().to_string());
+        let namespace = self.settings.openbao_namespace.as_deref();
+        Some(self.client(address, ca.as_deref(), namespace))
     }
 
     fn client(
@@ -132,8 +151,8 @@ impl Provider {
             ca_path.map(str::to_string),
             namespace.map(str::to_string),
         );
-        if let Some(c) = self.clients.lock().expect("clients lock").get(&key) {
-            return Ok(c.clone());
+        if let Some(c) = self.clients.get(&key) {
+            return Ok(c);
         }
         let ca_pem = match ca_path {
             Some(p) => Some(std::fs::read(p).map_err(|e| MountError::BadParameter {
@@ -147,15 +166,23 @@ impl Provider {
             ca_pem,
             namespace: namespace.map(str::to_string),
             timeout: Some(self.settings.openbao_timeout),
+            allow_plain_http: self.settings.allow_plain_http,
         })
         .map_err(|e| MountError::BadParameter {
             name: "openbaoAddress".into(),
             reason: e.to_string(),
         })?;
-        self.clients
-            .lock()
-            .expect("clients lock")
-            .insert(key, client.clone());
+        for (evicted, _) in self.clients.insert(key, client.clone(), 1) {
+            let mut gone = Vec::new();
+            self.client_of.retain(|identity, k| {
+                let keep = *k != evicted;
+                if !keep {
+                    gone.push(identity.clone());
+                }
+                keep
+            });
+            self.identities.forget(gone);
+        }
         Ok(client)
     }
 
@@ -175,7 +202,7 @@ impl Provider {
         // Each distinct (path, method, args) once, whatever the number of objects using it.
         let mut requests: BTreeMap<RequestKey, Vec<usize>> = BTreeMap::new();
         for (i, o) in params.objects.iter().enumerate() {
-            requests.entry(o.request_key()).or_default().push(i);
+            requests.entry(o.request_key().clone()).or_default().push(i);
         }
         let (results, logins) = self.fetch_as_pod(&login, &params, &requests).await?;
         let data = secret_data(results, &requests, &params, &who)?;
@@ -204,6 +231,7 @@ impl Provider {
             .clone()
             .or_else(|| self.settings.openbao_namespace.clone());
         let client = self.client(&address, ca_path.as_deref(), namespace.as_deref())?;
+        let client_key = (address.clone(), ca_path, namespace.clone());
         let identity = IdentityKey {
             address,
             openbao_namespace: namespace.unwrap_or_default(),
@@ -219,6 +247,7 @@ impl Provider {
             .audience
             .clone()
             .unwrap_or_else(|| self.settings.audience.clone());
+        self.client_of.insert(identity.clone(), client_key, 1);
         Ok(PodLogin {
             client,
             identity,
@@ -240,12 +269,12 @@ impl Provider {
             .await?;
         let mut logins = u32::from(!pod_token.cached);
         let mut results = self
-            .fetch_all(client, &pod_token.token, identity, params, requests.keys())
+            .fetch_all(client, &pod_token.token, identity, params, requests)
             .await;
-        let denied: Vec<RequestKey> = results
+        let denied: BTreeMap<RequestKey, Vec<usize>> = results
             .iter()
             .filter(|(_, r)| matches!(r, Err(e) if e.is_permission_denied()))
-            .map(|(k, _)| k.clone())
+            .map(|(k, _)| (k.clone(), requests[k].clone()))
             .collect();
         // A cached token that OpenBao now refuses: when it is dead (revoked, expired), a fresh
         // login replaces it and the refused requests are retried once; a live token means the
@@ -259,22 +288,32 @@ impl Provider {
         {
             logins += u32::from(!fresh.cached);
             let again = self
-                .fetch_all(client, &fresh.token, identity, params, denied.iter())
+                .fetch_all(client, &fresh.token, identity, params, &denied)
                 .await;
             results.extend(again);
         }
         Ok((results, logins))
     }
 
-    /// Renders every object and checks the response size.
+    /// Renders every object and checks the response size (as it grows, so a Mount whose
+    /// files are too large stops at the limit instead of rendering everything first).
     fn respond(
         &self,
         params: &MountParams,
         data: &HashMap<RequestKey, Map<String, Value>>,
     ) -> Result<MountResponse, MountError> {
+        let limit = self.settings.max_response_bytes;
         let mut response = MountResponse::default();
-        for o in &params.objects {
-            let files = render::render(o, &data[&o.request_key()], params.default_mode)?;
+        let mut bytes = 0;
+        for o in params.objects.iter() {
+            let files = render::render(o, &data[o.request_key()], params.default_mode)?;
+            bytes += files
+                .iter()
+                .map(|f| f.contents.len() + f.path.len())
+                .sum::<usize>();
+            if bytes > limit {
+                return Err(MountError::TooLarge { bytes, limit });
+            }
             response.object_version.push(ObjectVersion {
                 id: o.name.clone(),
                 version: self.versioner.version(&o.name, &files),
@@ -286,45 +325,41 @@ impl Provider {
             }));
         }
         let bytes = response.encoded_len();
-        if bytes > self.settings.max_response_bytes {
-            return Err(MountError::TooLarge {
-                bytes,
-                limit: self.settings.max_response_bytes,
-            });
+        if bytes > limit {
+            return Err(MountError::TooLarge { bytes, limit });
         }
         Ok(response)
     }
 
-    async fn fetch_all<'a>(
+    /// Fetches `requests`, at most `MAX_READS_IN_FLIGHT` at a time.
+    async fn fetch_all(
         &self,
         client: &OpenBao,
         token: &SecretString,
         identity: &IdentityKey,
         params: &MountParams,
-        keys: impl Iterator<Item = &'a RequestKey>,
+        requests: &BTreeMap<RequestKey, Vec<usize>>,
     ) -> Fetched {
-        let futures = keys.map(|key| async move {
-            let args = params
-                .objects
-                .iter()
-                .find(|o| &o.request_key() == key)
-                .map(|o| o.args.clone())
-                .unwrap_or_default();
-            let lease_key = LeaseKey {
-                pod_uid: params.pod.uid.clone(),
-                identity: identity.clone(),
-                request: key.clone(),
-            };
-            let r = self.fetch(client, token, key, &args, lease_key).await;
-            (key.clone(), r)
-        });
-        futures::future::join_all(futures)
-            .await
-            .into_iter()
+        let fetches: Vec<_> = requests
+            .iter()
+            .map(|(key, objects)| {
+                let args = &params.objects[objects[0]].args;
+                let lease_key = LeaseKey {
+                    pod_uid: params.pod.uid.clone(),
+                    identity: identity.clone(),
+                    request: key.clone(),
+                };
+                self.fetch(client, token, key, args, lease_key)
+            })
+            .collect();
+        futures::stream::iter(fetches)
+            .buffer_unordered(MAX_READS_IN_FLIGHT)
             .collect()
+            .await
     }
 
-    /// One distinct request: from the pod's lease cache while its lease is valid, else OpenBao.
+    /// One distinct request, with its key (an `async fn`, so the futures `fetch_all` buffers
+    /// have one lifetime).
     async fn fetch(
         &self,
         client: &OpenBao,
@@ -332,38 +367,24 @@ impl Provider {
         key: &RequestKey,
         args: &Map<String, Value>,
         lease_key: LeaseKey,
+    ) -> (RequestKey, Result<Map<String, Value>, BaoError>) {
+        let result = self
+            .fetch_fresh_or_kept(client, token, key, args, lease_key)
+            .await;
+        (key.clone(), result)
+    }
+
+    /// The pod's kept lease while it lives, else OpenBao.
+    async fn fetch_fresh_or_kept(
+        &self,
+        client: &OpenBao,
+        token: &SecretString,
+        key: &RequestKey,
+        args: &Map<String, Value>,
+        lease_key: LeaseKey,
     ) -> Result<Map<String, Value>, BaoError> {
-        if let Some(entry) = self.leases.get(&lease_key) {
-            let now = Instant::now();
-            let remaining = entry.expires_at.saturating_duration_since(now);
-            // Keep using a lease until the last tenth of its life (at least 10 s).
-            let floor = (entry.lease_duration / 10).max(Duration::from_secs(10));
-            if entry.renewable && remaining < entry.lease_duration / 2 {
-                self.metrics.openbao("renew");
-                match client
-                    .renew_lease(token, &entry.lease_id, entry.lease_duration)
-                    .await
-                {
-                    Ok(s) if s.lease_duration > 0 => {
-                        Metrics::count(&self.metrics.lease_cache, "renewed");
-                        let mut renewed = entry.clone();
-                        renewed.lease_duration = Duration::from_secs(s.lease_duration);
-                        renewed.expires_at = now + renewed.lease_duration;
-                        self.leases.put(lease_key, renewed);
-                        return Ok(entry.data);
-                    }
-                    Ok(_) | Err(_) if remaining > floor => {
-                        // Not renewed (max TTL reached, or OpenBao busy): still valid for a while.
-                        Metrics::count(&self.metrics.lease_cache, "hit");
-                        return Ok(entry.data);
-                    }
-                    _ => {}
-                }
-            } else if remaining > floor {
-                Metrics::count(&self.metrics.lease_cache, "hit");
-                return Ok(entry.data);
-            }
-            self.leases.remove(&lease_key);
+        if let Some(data) = self.leases.serve(client, token, &lease_key).await? {
+            return Ok(data);
         }
         let (path, body) = match key.method {
             FetchMethod::Get => (with_query(&key.path, args), None),
@@ -373,26 +394,13 @@ impl Provider {
             FetchMethod::Get => "read",
             _ => "write",
         });
-        let secret = client
+        let mut secret = client
             .call(key.method.http(), &path, Some(token), body.as_ref())
             .await?;
-        let data = secret.data.ok_or_else(|| BaoError::NotFound {
+        let data = secret.data.take().ok_or_else(|| BaoError::NotFound {
             path: key.path.clone(),
         })?;
-        if !secret.lease_id.is_empty() && secret.lease_duration > 0 {
-            Metrics::count(&self.metrics.lease_cache, "miss");
-            let lease_duration = Duration::from_secs(secret.lease_duration);
-            self.leases.put(
-                lease_key,
-                LeaseEntry {
-                    data: data.clone(),
-                    lease_id: secret.lease_id,
-                    lease_duration,
-                    renewable: secret.renewable,
-                    expires_at: Instant::now() + lease_duration,
-                },
-            );
-        }
+        self.leases.keep(lease_key, client, token, &secret, &data);
         Ok(data)
     }
 }
@@ -477,17 +485,4 @@ fn with_query(path: &str, args: &Map<String, Value>) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn get_arguments_become_an_encoded_query() {
-        let args = json!({"version": 2, "name": "a b&c"});
-        assert_eq!(
-            with_query("secret/data/x", args.as_object().unwrap()),
-            "secret/data/x?name=a%20b%26c&version=2"
-        );
-        assert_eq!(with_query("kv/x", &Map::new()), "kv/x");
-    }
-}
+mod tests;

@@ -55,11 +55,7 @@ pub fn render(
     };
     match &obj.key {
         KeySelector::Whole => {
-            if obj.encoding != Encoding::Utf8 {
-                return Err(bad(
-                    "encoding applies to one key's value; set secretKey (or \"*\")".into(),
-                ));
-            }
+            // `encoding` needs a key: refused when parsing.
             let contents = serde_json::to_vec(data).map_err(|e| bad(e.to_string()))?;
             Ok(vec![RenderedFile {
                 path: obj.name.clone(),

@@ -166,6 +166,7 @@ async fn run() {
         dir,
         &[
             format!("--openbao-addr={}", bao.addr()),
+            "--openbao-allow-plain-http".into(),
             format!("--token-file={}", token_path.display()),
             // Per-request debug lines would be measured too; production runs at info.
             "--log-level=info".into(),
@@ -178,6 +179,7 @@ async fn run() {
     let direct = OpenBao::new(&ClientConfig {
         address: bao.addr().to_string(),
         timeout: Some(Duration::from_secs(5)),
+        allow_plain_http: true,
         ..Default::default()
     })
     .unwrap();

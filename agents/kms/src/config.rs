@@ -26,9 +26,22 @@ pub struct Settings {
     #[arg(long, env = "KUBEBAO_KMS_OPENBAO_ADDR", global = true)]
     pub openbao_addr: Option<String>,
 
-    /// PEM file with the CA that signs OpenBao's TLS certificate (added to the system roots).
+    /// PEM file with the CA that signs OpenBao's TLS certificate (replaces the system roots).
     #[arg(long, env = "KUBEBAO_KMS_OPENBAO_CA_FILE", global = true)]
     pub openbao_ca_file: Option<PathBuf>,
+
+    /// Allow plain http:// to an OpenBao on a loopback address (tests, a local dev server).
+    /// Never for a remote address. (Environment: KUBEBAO_OPENBAO_ALLOW_PLAIN_HTTP, the same
+    /// name in every KubeBao binary.)
+    #[arg(
+        long,
+        env = "KUBEBAO_OPENBAO_ALLOW_PLAIN_HTTP",
+        global = true,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true"
+    )]
+    pub openbao_allow_plain_http: Option<bool>,
 
     /// OpenBao namespace (sent as X-Vault-Namespace), if any.
     #[arg(long, env = "KUBEBAO_KMS_OPENBAO_NAMESPACE", global = true)]
@@ -113,6 +126,7 @@ impl Settings {
             http_addr,
             openbao_addr,
             openbao_ca_file,
+            openbao_allow_plain_http,
             openbao_namespace,
             openbao_timeout,
             transit_mount,
@@ -167,6 +181,8 @@ pub struct Config {
     pub openbao_addr: String,
     /// CA file (path kept for doctor messages).
     pub openbao_ca_file: Option<PathBuf>,
+    /// Plain http:// allowed to a loopback OpenBao.
+    pub openbao_allow_plain_http: bool,
     /// OpenBao namespace.
     pub openbao_namespace: Option<String>,
     /// Per-request timeout.
@@ -380,6 +396,7 @@ impl Config {
             http_addr,
             openbao_addr,
             openbao_ca_file: s.openbao_ca_file,
+            openbao_allow_plain_http: s.openbao_allow_plain_http.unwrap_or(false),
             openbao_namespace: s.openbao_namespace.filter(|n| !n.is_empty()),
             openbao_timeout,
             transit_mount,
@@ -406,6 +423,7 @@ impl Config {
             ca_pem,
             namespace: self.openbao_namespace.clone(),
             timeout: Some(self.openbao_timeout),
+            allow_plain_http: self.openbao_allow_plain_http,
         })
     }
 }
@@ -435,6 +453,56 @@ mod tests {
             cfg.credentials,
             CredentialSource::AppRoleFiles { ref mount, .. } if mount == "approle"
         ));
+    }
+
+    #[test]
+    fn plain_http_is_a_bare_flag_or_a_file_key_and_reaches_the_client() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            settings: Settings,
+            #[arg()]
+            command: Option<String>,
+        }
+        let parse = |args: &[&str]| {
+            let cli = <Cli as clap::Parser>::try_parse_from(
+                [
+                    "kubebao-kms",
+                    "--openbao-addr=http://127.0.0.1:8200",
+                    "--token-file=/t",
+                ]
+                .iter()
+                .chain(args),
+            )
+            .unwrap();
+            (cli.settings, cli.command)
+        };
+        let (flag, command) = parse(&["--openbao-allow-plain-http", "doctor"]);
+        assert_eq!(flag.openbao_allow_plain_http, Some(true));
+        assert_eq!(
+            command.as_deref(),
+            Some("doctor"),
+            "the flag takes no value"
+        );
+        let (off, _) = parse(&["--openbao-allow-plain-http=false"]);
+        assert_eq!(off.openbao_allow_plain_http, Some(false));
+        let (unset, _) = parse(&[]);
+        assert_eq!(unset.openbao_allow_plain_http, None);
+
+        let cfg = Config::from_settings(unset.clone()).unwrap();
+        let client = cfg.client_config().unwrap();
+        assert!(!client.allow_plain_http);
+        let refused = kubebao_openbao::OpenBao::new(&client)
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("--openbao-allow-plain-http"), "{refused}");
+        let file = Settings::from_yaml("openbao-allow-plain-http: true\n").unwrap();
+        let cfg = Config::from_settings(unset.over(file)).unwrap();
+        let client = cfg.client_config().unwrap();
+        assert!(client.allow_plain_http);
+        kubebao_openbao::OpenBao::new(&client).expect("loopback http with the flag");
+        let cfg = Config::from_settings(flag).unwrap();
+        assert!(cfg.client_config().unwrap().allow_plain_http);
     }
 
     #[test]

@@ -26,6 +26,15 @@ pub const MAX_PLAINTEXT: usize = 512;
 pub const MAX_CIPHERTEXT: usize = 1024;
 /// The API server's limit for key_id.
 pub const MAX_KEY_ID: usize = 1024;
+/// The API server's limit for the annotations of one ciphertext (keys and values together).
+pub const MAX_ANNOTATIONS: usize = 32 * 1024;
+/// Largest gRPC request the service decodes. The API server's own limits (k8s.io/apiserver
+/// kmsv2: encrypted DEK source 1 KiB, key_id 1 KiB, annotations 32 KiB; Encrypt carries a
+/// 32-byte seed, not the object) make the largest KMS v2 request a Decrypt of about 34 KiB;
+/// 64 KiB leaves room for the uid and the protobuf framing. A larger request is refused from
+/// its length prefix, before its bytes are read into memory.
+pub const MAX_REQUEST: usize = 64 * 1024;
+const _: () = assert!(MAX_REQUEST >= MAX_CIPHERTEXT + MAX_KEY_ID + MAX_ANNOTATIONS + 8 * 1024);
 /// AES-GCM nonce + tag: a shorter Transit ciphertext is certainly truncated.
 const MIN_RAW_CIPHERTEXT: usize = 12 + 16 + 1;
 

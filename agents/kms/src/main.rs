@@ -4,9 +4,14 @@
 mod config;
 mod doctor;
 mod envelope;
+#[cfg(test)]
+mod fake_openbao;
+mod health;
 mod metrics;
 mod plugin;
 mod server;
+
+use std::io::IsTerminal as _;
 
 use clap::{Parser, Subcommand};
 
@@ -43,8 +48,11 @@ enum Command {
 fn init_logs(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour codes only for a person at a terminal: in a pipe, a file or the kubelet's log
+    // they are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match config.log_format {
         LogFormat::Json => builder.json().init(),

@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{Agent, encrypt, status};
 use k8s_openapi::ByteString;
@@ -82,6 +82,23 @@ async fn stored(bed: &Testbed, ns: &str, name: &str) -> Vec<u8> {
         .unwrap_or_else(|| panic!("Secret {ns}/{name} not in etcd"))
 }
 
+/// The plugin's flags: OpenBao over TLS, AppRole from files.
+fn agent_args(
+    bao: &kubebao_testbed::OpenBaoServer,
+    ca: &Path,
+    role_id: &Path,
+    secret_id: &Path,
+) -> Vec<String> {
+    vec![
+        format!("--openbao-addr={}", bao.tls_addr()),
+        format!("--openbao-ca-file={}", ca.display()),
+        "--auth-method=approle".into(),
+        format!("--role-id-file={}", role_id.display()),
+        format!("--secret-id-file={}", secret_id.display()),
+        "--aad-context=testbed".into(),
+    ]
+}
+
 #[tokio::test]
 async fn apiserver_keeps_secrets_encrypted_through_rotation_restarts_and_openbao_outages() {
     let bed = Testbed::start(TestbedOptions {
@@ -99,14 +116,7 @@ async fn apiserver_keeps_secrets_encrypted_through_rotation_restarts_and_openbao
     let mut agent = Agent::start(
         "kubebao-kms",
         dir,
-        &[
-            format!("--openbao-addr={}", bao.tls_addr()),
-            format!("--openbao-ca-file={}", ca.display()),
-            "--auth-method=approle".into(),
-            format!("--role-id-file={}", role_id.display()),
-            format!("--secret-id-file={}", secret_id.display()),
-            "--aad-context=testbed".into(),
-        ],
+        &agent_args(bao, &ca, &role_id, &secret_id),
     )
     .await;
     let pid = agent.process.pid();
@@ -192,8 +202,21 @@ async fn apiserver_keeps_secrets_encrypted_through_rotation_restarts_and_openbao
     assert_eq!(read_secret(&api, "before").await, plaintext);
     assert_eq!(read_secret(&api, "after").await, after_value);
 
-    // 4. Outage: OpenBao stopped → Status says why, Encrypt is Unavailable.
+    // 4. Outage: OpenBao stopped → Status says why, Encrypt is Unavailable. A second plugin
+    // probes only hourly: its recovery comes from the re-check backoff, not from a probe.
+    let plugin_args = agent_args(bao, &ca, &role_id, &secret_id);
+    let hourly_args: Vec<String> = plugin_args
+        .iter()
+        .cloned()
+        .chain(["--probe-interval=1h".to_string()])
+        .collect();
+    let hourly = Agent::start("kubebao-kms-hourly", dir, &hourly_args).await;
+    let mut hourly_kms = hourly.client().await;
     bao.stop().await;
+    let err = encrypt(&mut hourly_kms, b"seed")
+        .await
+        .expect_err("OpenBao is down");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     let reason = wait_for(
         "Status to report the outage",
         Duration::from_secs(10),
@@ -215,20 +238,31 @@ async fn apiserver_keeps_secrets_encrypted_through_rotation_restarts_and_openbao
         .await
         .expect_err("OpenBao is down");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    // Back: healthy again without restarting the plugin, and the API server writes again.
+    assert_eq!(hourly.http_get("/readyz").await.0, 503);
+    // Back: ready again within 2 s without a Status call or a restart, whatever the probe
+    // interval, and the API server writes again.
     bao.restart().await;
-    wait_for("the plugin to recover", Duration::from_secs(15), || {
-        let mut kms = kms.clone();
-        async move {
-            let s = status(&mut kms).await;
-            if s.healthz == "ok" {
-                Ok(())
-            } else {
-                Err(s.healthz)
+    let back = Instant::now();
+    for plugin in [&agent, &hourly] {
+        wait_for("the plugin to recover", Duration::from_secs(15), || {
+            let readyz = plugin.http_get("/readyz");
+            async move {
+                match readyz.await {
+                    (200, _) => Ok(()),
+                    (_, body) => Err(body),
+                }
             }
-        }
-    })
-    .await;
+        })
+        .await;
+    }
+    let took = back.elapsed();
+    eprintln!("both plugins ready {took:?} after OpenBao came back");
+    assert!(
+        took < Duration::from_secs(2),
+        "ready {took:?} after OpenBao came back"
+    );
+    assert_eq!(status(&mut kms).await.healthz, "ok");
+    assert_eq!(status(&mut hourly_kms).await.healthz, "ok");
     agent.process.assert_running();
     assert_eq!(agent.process.pid(), pid, "the plugin was not restarted");
     put_secret(&api, "after-outage", "still-encrypted").await;

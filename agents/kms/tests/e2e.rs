@@ -4,6 +4,7 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{Agent, encrypt, metric, status};
@@ -29,18 +30,19 @@ async fn plugin(bed: &Testbed, name: &str) -> Agent {
     let policy = format!("kms-{name}");
     common::transit_key(bao, &mount, "kms", &policy).await;
     let token = common::token_file(bao, bed.dir(), &format!("{name}.token"), &[&policy]).await;
-    Agent::start(
-        name,
-        bed.dir(),
-        &[
-            format!("--openbao-addr={}", bao.addr()),
-            format!("--transit-mount={mount}"),
-            "--transit-key=kms".into(),
-            "--auth-method=token".into(),
-            format!("--token-file={}", token.display()),
-        ],
-    )
-    .await
+    Agent::start(name, bed.dir(), &plugin_args(bao, &mount, &token)).await
+}
+
+/// The flags of a plugin for Transit key `<mount>/kms` with a token file, over plain http.
+fn plugin_args(bao: &kubebao_testbed::OpenBaoServer, mount: &str, token: &Path) -> Vec<String> {
+    vec![
+        format!("--openbao-addr={}", bao.addr()),
+        "--openbao-allow-plain-http".into(),
+        format!("--transit-mount={mount}"),
+        "--transit-key=kms".into(),
+        "--auth-method=token".into(),
+        format!("--token-file={}", token.display()),
+    ]
 }
 
 #[tokio::test]
@@ -226,6 +228,15 @@ async fn bad_input_gets_the_right_code_and_the_plugin_keeps_serving() {
         let err = kms.decrypt(req).await.expect_err(what);
         assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
     }
+    // Over the size limit: refused from the length prefix, without reading 3 MiB.
+    let err = kms
+        .decrypt(DecryptRequest {
+            ciphertext: vec![b'a'; 3 << 20],
+            ..decrypt_request(&good)
+        })
+        .await
+        .expect_err("oversized request");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     let s = status(&mut kms).await;
     assert_eq!(
         s.healthz, "ok",
@@ -258,6 +269,7 @@ async fn a_short_lived_approle_token_is_renewed_and_replaced_past_its_max_ttl() 
         bed.dir(),
         &[
             format!("--openbao-addr={}", bao.addr()),
+            "--openbao-allow-plain-http".into(),
             "--transit-mount=t-expiry".into(),
             "--transit-key=kms".into(),
             "--auth-method=approle".into(),
@@ -383,6 +395,7 @@ async fn socket_is_private_stale_sockets_are_replaced_live_ones_kept_and_sigterm
     let token = common::token_file(bao, &dir, "token", &["kms-socket"]).await;
     let args = vec![
         format!("--openbao-addr={}", bao.addr()),
+        "--openbao-allow-plain-http".into(),
         "--transit-mount=t-socket".into(),
         "--transit-key=kms".into(),
         format!("--token-file={}", token.display()),
@@ -552,6 +565,7 @@ async fn kubernetes_auth_with_a_service_account_token_file_works() {
         bed.dir(),
         &[
             format!("--openbao-addr={}", bao.addr()),
+            "--openbao-allow-plain-http".into(),
             "--transit-mount=t-k8s".into(),
             "--transit-key=kms".into(),
             "--auth-method=kubernetes".into(),
@@ -595,6 +609,7 @@ async fn a_ciphertext_moved_to_another_cluster_context_does_not_decrypt() {
     let start = |name: &'static str, context: &'static str| {
         let args = vec![
             format!("--openbao-addr={}", bao.addr()),
+            "--openbao-allow-plain-http".into(),
             "--transit-mount=t-aad".into(),
             "--transit-key=kms".into(),
             format!("--token-file={}", token.display()),
@@ -626,4 +641,200 @@ async fn a_ciphertext_moved_to_another_cluster_context_does_not_decrypt() {
         .into_inner()
         .plaintext;
     assert_eq!(plain, b"seed of cluster a");
+}
+
+/// The read_key calls the plugin made that OpenBao answered.
+fn key_reads(metrics: &str) -> f64 {
+    metric(
+        metrics,
+        r#"kubebao_kms_openbao_request_duration_seconds_count{operation="read_key",outcome="ok"} "#,
+    )
+    .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_plugin_that_missed_a_rotation_reads_the_key_once_for_the_new_key_id() {
+    let bed = Testbed::shared().await;
+    let bao = bed.openbao();
+    common::transit_key(bao, "t-lag", "kms", "kms-lag").await;
+    let token = common::token_file(bao, bed.dir(), "lag.token", &["kms-lag"]).await;
+    let args = plugin_args(bao, "t-lag", &token);
+    // Two control-plane nodes: node 2 probes only hourly, so it cannot see the rotation itself.
+    let node1 = Agent::start("lag-1", bed.dir(), &args).await;
+    let mut hourly = args.clone();
+    hourly.push("--probe-interval=1h".into());
+    let node2 = Agent::start("lag-2", bed.dir(), &hourly).await;
+    let (mut kms1, mut kms2) = (node1.client().await, node2.client().await);
+    let v1 = status(&mut kms2).await.key_id;
+    assert_eq!(key_reads(&node2.metrics().await), 1.0);
+
+    bao.root(Method::POST, "t-lag/keys/kms/rotate", None).await;
+    let v2 = wait_for(
+        "node 1 to see the rotation",
+        Duration::from_secs(10),
+        || {
+            let mut kms1 = kms1.clone();
+            let v1 = v1.clone();
+            async move {
+                let s = status(&mut kms1).await;
+                if s.key_id != v1 {
+                    Ok(s.key_id)
+                } else {
+                    Err(format!("{s:?}"))
+                }
+            }
+        },
+    )
+    .await;
+    let enc = encrypt(&mut kms1, b"written through node 1")
+        .await
+        .expect("encrypt");
+    assert_eq!(enc.key_id, v2);
+    assert_eq!(status(&mut kms2).await.key_id, v1, "node 2 has not probed");
+    let plain = kms2
+        .decrypt(decrypt_request(&enc))
+        .await
+        .expect("node 2 decrypts the version it had not seen")
+        .into_inner()
+        .plaintext;
+    assert_eq!(plain, b"written through node 1");
+    assert_eq!(status(&mut kms2).await.key_id, v2, "and now uses it");
+    assert_eq!(key_reads(&node2.metrics().await), 2.0, "one key read");
+
+    // 20 made-up key_ids at once: refused, sharing one key read.
+    let requests = (0..20).map(|i| DecryptRequest {
+        key_id: format!("kb1-{i:032x}"),
+        ..decrypt_request(&enc)
+    });
+    let results = futures::future::join_all(requests.map(|r| {
+        let mut kms2 = kms2.clone();
+        async move { kms2.decrypt(r).await }
+    }))
+    .await;
+    for r in results {
+        let err = r.expect_err("made-up key_id");
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    }
+    assert_eq!(key_reads(&node2.metrics().await), 3.0, "one more key read");
+}
+
+#[tokio::test]
+async fn a_revoked_token_is_a_credentials_problem_until_a_valid_one_is_written() {
+    let bed = Testbed::shared().await;
+    let bao = bed.openbao();
+    common::transit_key(bao, "t-revoked", "kms", "kms-revoked").await;
+    let token = common::token_file(bao, bed.dir(), "revoked.token", &["kms-revoked"]).await;
+    let args = plugin_args(bao, "t-revoked", &token);
+    let agent = Agent::start("revoked", bed.dir(), &args).await;
+    let mut kms = agent.client().await;
+    assert_eq!(agent.http_get("/healthz").await, (200, "ok\n".into()));
+    assert_eq!(agent.http_get("/readyz").await, (200, "ok\n".into()));
+
+    let value = std::fs::read_to_string(&token).unwrap();
+    bao.root(
+        Method::POST,
+        "auth/token/revoke",
+        Some(json!({"token": value.trim()})),
+    )
+    .await;
+    let err = encrypt(&mut kms, b"seed").await.expect_err("revoked token");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let expected = "the plugin's OpenBao token is no longer valid: ";
+    assert!(err.message().contains(expected), "{err:?}");
+    assert!(!err.message().contains("by policy"), "{err:?}");
+    let healthz = status(&mut kms).await.healthz;
+    assert!(
+        healthz.starts_with(&format!("credentials: {expected}")),
+        "{healthz}"
+    );
+    let (code, body) = agent.http_get("/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains(expected), "{body}");
+    assert_eq!(
+        agent.http_get("/healthz").await.0,
+        200,
+        "alive: a restart would not bring a valid token"
+    );
+
+    // A valid token written to the file: ready again by itself.
+    common::token_file(bao, bed.dir(), "revoked.token", &["kms-revoked"]).await;
+    let written = Instant::now();
+    wait_for("ready with the new token", Duration::from_secs(10), || {
+        let readyz = agent.http_get("/readyz");
+        async move {
+            match readyz.await {
+                (200, _) => Ok(()),
+                (_, body) => Err(body),
+            }
+        }
+    })
+    .await;
+    eprintln!(
+        "ready {:?} after a valid token was written",
+        written.elapsed()
+    );
+    encrypt(&mut kms, b"seed").await.expect("encrypt again");
+
+    // The socket file lost: the plugin is no longer alive for the API server.
+    std::fs::remove_file(&agent.socket).unwrap();
+    let (code, body) = agent.http_get("/healthz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("is not served"), "{body}");
+    // stderr goes to a file here: no colour codes in it.
+    let log = std::fs::read_to_string(agent.process.log_path()).unwrap();
+    assert!(log.contains("unhealthy") && !log.contains('\x1b'), "{log}");
+}
+
+#[test]
+fn text_logs_written_to_a_pipe_have_no_colour_codes() {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "not-a-real-token").unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kubebao-kms"))
+        .arg("--openbao-addr=http://127.0.0.1:1")
+        .arg("--openbao-allow-plain-http")
+        .arg(format!("--token-file={}", token.display()))
+        .arg(format!(
+            "--socket={}",
+            dir.path().join("kms.sock").display()
+        ))
+        .arg(format!("--http-addr=127.0.0.1:{}", common::free_port()))
+        .arg("--log-format=text")
+        .env_remove("NO_COLOR")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start kubebao-kms");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // An info line, then a warning (OpenBao is unreachable): both levels would be coloured.
+    let mut seen = String::new();
+    while !seen.contains("unhealthy") {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => {
+                seen.push_str(&line);
+                seen.push('\n');
+            }
+            Err(e) => {
+                seen.push_str(&format!("<{e}>"));
+                break;
+            }
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        seen.contains("serving KMS v2") && seen.contains("unhealthy"),
+        "{seen}"
+    );
+    assert!(!seen.contains('\x1b'), "colour codes in {seen:?}");
 }

@@ -4,10 +4,11 @@
 mod plan;
 mod steps;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
@@ -18,10 +19,12 @@ use kube::runtime::{WatchStreamExt, predicates, watcher};
 use serde_json::json;
 
 pub use plan::Check;
-use plan::{Decision, Synced, WritePlan, data_hash, failed, select_keys};
+use plan::{
+    Decision, Failure, REJECTED_RETRY, Synced, WritePlan, data_hash, failed, rejected, select_keys,
+};
 use steps::{
-    apply_secret, last_check, read_kv, read_kv_version, read_target, remember, restart_workloads,
-    tenant_identity, tenant_token,
+    apply_secret, forget_checks, last_check, read_kv, read_kv_version, read_target, remember,
+    restart_workloads, tenant_identity, tenant_token,
 };
 
 use crate::api::Condition;
@@ -49,6 +52,10 @@ pub struct SecretsContext {
     pub secrets: Store<PartialObjectMeta<Secret>>,
 }
 
+/// How often what the operator holds for deleted BaoSecrets is swept without a deletion event
+/// (a reconcile that was still running as its object was deleted, an identity no longer used).
+const SWEEP_EVERY: Duration = Duration::from_secs(300);
+
 /// Runs the BaoSecret controller until `stop` resolves.
 pub async fn run(
     base: Arc<Context>,
@@ -56,6 +63,7 @@ pub async fn run(
 ) {
     let client = base.client.clone();
     let (reader, writer) = reflector::store::<Lenient<BaoSecret>>();
+    let (live, sweeper) = (reader.clone(), base.clone());
     // Status-only updates (our own) do not trigger a reconcile: the generation predicate.
     let baosecrets = watcher(
         Api::<Lenient<BaoSecret>>::all(client.clone()),
@@ -64,25 +72,22 @@ pub async fn run(
     .default_backoff()
     .modify(|o| o.managed_fields_mut().clear())
     .reflect(writer)
+    .inspect_ok(move |event| {
+        // The cache has dropped the object (or re-listed): forget what it no longer holds.
+        if matches!(event, watcher::Event::Delete(_) | watcher::Event::InitDone) {
+            forget_gone(&sweeper, &live);
+        }
+    })
     .applied_objects()
     .predicate_filter(predicates::generation, Default::default());
-    // Every Secret a BaoSecret writes carries its label, whatever the creation policy, so an
-    // edited or deleted Secret is restored (a superset of `.owns()`); metadata only.
-    let (secret_reader, secret_writer) = reflector::store::<PartialObjectMeta<Secret>>();
-    let secrets = watcher(
-        Api::<PartialObjectMeta<Secret>>::all(client),
-        watcher::Config::default().labels(LABEL),
-    )
-    .default_backoff()
-    .modify(|o| o.managed_fields_mut().clear())
-    .reflect(secret_writer)
-    .touched_objects();
+    let (secret_reader, secrets) = watch_secrets(client);
     let ctx = Arc::new(SecretsContext {
         base: base.clone(),
         secrets: secret_reader,
     });
     let checks = base.clone();
-    Controller::for_stream(baosecrets, reader)
+    let live = reader.clone();
+    let controller = Controller::for_stream(baosecrets, reader)
         .with_config(
             kube::runtime::controller::Config::default().concurrency(base.settings.concurrency),
         )
@@ -125,8 +130,79 @@ pub async fn run(
             if let Err(e) = r {
                 tracing::debug!(error = %e, "BaoSecret controller event");
             }
-        })
-        .await;
+        });
+    tokio::select! {
+        () = controller => {}
+        () = sweep_every(&base, &live) => {}
+    }
+}
+
+/// The Secrets BaoSecrets write, metadata only: a cache and the stream of changes. Every such
+/// Secret carries the [`LABEL`], whatever the creation policy, so an edited or deleted Secret
+/// is restored (a superset of `.owns()`).
+fn watch_secrets(
+    client: kube::Client,
+) -> (
+    Store<PartialObjectMeta<Secret>>,
+    impl futures::Stream<Item = Result<PartialObjectMeta<Secret>, watcher::Error>> + Send,
+) {
+    let (reader, writer) = reflector::store::<PartialObjectMeta<Secret>>();
+    let changes = watcher(
+        Api::<PartialObjectMeta<Secret>>::all(client),
+        watcher::Config::default().labels(LABEL),
+    )
+    .default_backoff()
+    .modify(|o| o.managed_fields_mut().clear())
+    .reflect(writer)
+    .map_ok(|event| match event {
+        // Deleted, or its label removed: never the echo of our own write.
+        watcher::Event::Delete(mut meta) => {
+            meta.metadata.resource_version = None;
+            watcher::Event::Delete(meta)
+        }
+        other => other,
+    })
+    .touched_objects();
+    (reader, changes)
+}
+
+/// Sweeps every [`SWEEP_EVERY`] (see [`forget_gone`]), once the watch cache is filled.
+async fn sweep_every(ctx: &Arc<Context>, live: &Store<Lenient<BaoSecret>>) {
+    if live.wait_until_ready().await.is_err() {
+        return futures::future::pending().await;
+    }
+    loop {
+        tokio::time::sleep(SWEEP_EVERY).await;
+        forget_gone(ctx, live);
+    }
+}
+
+/// Forgets what the operator holds for BaoSecrets no longer in `live` (the watch cache): their
+/// last checks and failure counts, and the tenant tokens no remaining BaoSecret reads with
+/// (revoked, in the background).
+fn forget_gone(ctx: &Arc<Context>, live: &Store<Lenient<BaoSecret>>) {
+    let objects = live.state();
+    let mut keys = HashSet::new();
+    let mut in_use = HashSet::new();
+    for obj in &objects {
+        let ns = obj.namespace().unwrap_or_default();
+        keys.insert(format!("{ns}/{}", obj.name_any()));
+        if let Lenient::Valid(bs) = &**obj {
+            in_use.insert(tenant_identity(bs, &ns, &ctx.settings));
+        }
+    }
+    forget_checks(ctx, |key| keys.contains(key));
+    ctx.forget_failures("BaoSecret", |key| keys.contains(key));
+    ctx.count_cached();
+    let unused = ctx.tenants.unused(&in_use);
+    if unused.is_empty() {
+        return;
+    }
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        ctx.tenants.forget(&unused).await;
+        ctx.count_cached();
+    });
 }
 
 /// Reconciles one BaoSecret and writes its status.
@@ -137,19 +213,29 @@ pub async fn reconcile(
     let ctx = &sctx.base;
     let ns = bs.namespace().unwrap_or_default();
     let key = format!("{ns}/{}", bs.name_any());
+    let backoff_key = format!("BaoSecret/{key}");
     let previous = bs.status.clone().unwrap_or_default();
     let (outcome, action, mut status) = match sync(&bs, &sctx, &ns, &key).await {
         Ok(s) => {
-            ctx.succeeded(&key);
+            ctx.succeeded(&backoff_key);
             let next = Action::requeue(s.next);
             let (outcome, status) = synced_status(&previous, s, &bs.spec.target.name);
             (outcome, next, status)
         }
-        Err(outcome) => {
-            let wait = ctx.backoff(&key);
+        // Said once; a spec change or a change of the target Secret triggers the next try.
+        Err(Failure {
+            outcome,
+            permanent: true,
+        }) => {
+            ctx.succeeded(&backoff_key);
+            (outcome, Action::requeue(REJECTED_RETRY), previous.clone())
+        }
+        Err(Failure { outcome, .. }) => {
+            let wait = ctx.backoff(&backoff_key);
             (outcome, Action::requeue(wait), previous.clone())
         }
     };
+    ctx.count_cached();
     ctx.metrics.reconciled("BaoSecret", outcome.result());
     if worth_an_event(&previous.conditions, &outcome) {
         announce(ctx, &bs, &key, &outcome).await;
@@ -240,7 +326,7 @@ async fn sync(
     sctx: &SecretsContext,
     ns: &str,
     key: &str,
-) -> Result<Synced, Outcome> {
+) -> Result<Synced, Failure> {
     let ctx = &*sctx.base;
     let spec = plan::sync_spec(&bs.spec, ns)?;
     let last = last_check(ctx, key, &bs.uid().unwrap_or_default());
@@ -265,8 +351,9 @@ async fn sync(
         .map_err(|m| failed(true, "KeyNotFound", m))?;
     for key in data.keys() {
         crate::api::checks::secret_key("the Secret key", key)
-            .map_err(|m| failed(true, "InvalidKey", m))?;
+            .map_err(|m| rejected("InvalidKey", m))?;
     }
+    plan::check_size(&bs.spec.target.name, &data)?;
     let hash = data_hash(&ctx.hash_key, &data);
     let WritePlan { write, restart } = plan.write_plan(&hash);
     if write {

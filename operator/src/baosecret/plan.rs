@@ -51,6 +51,61 @@ pub fn failed(stalled: bool, reason: &str, message: impl Into<String>) -> Outcom
     }
 }
 
+/// Most bytes of data (keys and values) in one Kubernetes Secret (the API server's limit).
+pub const MAX_SECRET_BYTES: usize = 1024 * 1024;
+
+/// How long a sync that Kubernetes will never accept waits before it is tried again, unless
+/// the spec or the target Secret changes first (each attempt reads the data from OpenBao).
+pub const REJECTED_RETRY: Duration = Duration::from_secs(3600);
+
+/// Why a sync failed, and whether retrying soon could help.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// The condition to report.
+    pub outcome: Outcome,
+    /// Kubernetes will never accept what the sync would write as it is: said once (Stalled),
+    /// tried again only on a change or after [`REJECTED_RETRY`], never in a backoff loop.
+    pub permanent: bool,
+}
+
+impl From<Outcome> for Failure {
+    fn from(outcome: Outcome) -> Self {
+        Failure {
+            outcome,
+            permanent: false,
+        }
+    }
+}
+
+/// A sync Kubernetes will never accept as it is (too large, an invalid key, a rejected write):
+/// only a change of the spec or of the data in OpenBao can fix it.
+pub fn rejected(reason: &str, message: impl Into<String>) -> Failure {
+    Failure {
+        outcome: failed(true, reason, message),
+        permanent: true,
+    }
+}
+
+/// The size of Secret data as Kubernetes counts it: keys and values.
+pub fn data_size(data: &BTreeMap<String, Vec<u8>>) -> usize {
+    data.iter().map(|(k, v)| k.len() + v.len()).sum()
+}
+
+/// Refuses data no Kubernetes Secret can hold (more than [`MAX_SECRET_BYTES`]), before it is
+/// sent; the message names the size.
+pub fn check_size(target: &str, data: &BTreeMap<String, Vec<u8>>) -> Result<(), Failure> {
+    let size = data_size(data);
+    if size <= MAX_SECRET_BYTES {
+        return Ok(());
+    }
+    Err(rejected(
+        "SecretTooLarge",
+        format!(
+            "the data for Secret {target} is {size} bytes (keys and values) and a Kubernetes Secret holds at most {MAX_SECRET_BYTES} bytes (1 MiB); select fewer keys with spec.keys, or keep large files out of OpenBao KV"
+        ),
+    ))
+}
+
 /// The parts of a BaoSecret's spec that are checked before anything is read.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SyncSpec {
@@ -239,6 +294,8 @@ pub enum Target {
     Found {
         /// The BaoSecret named by its [`LABEL`], if any.
         owner: Option<String>,
+        /// The uids of the BaoSecrets in its ownerReferences (set by `creationPolicy: Owner`).
+        owned_by: Vec<String>,
         /// The BaoSecrets its [`MERGE_ANNOTATION`] allows to merge into it.
         merge_from: Vec<String>,
         /// Its type.
@@ -257,6 +314,12 @@ impl Target {
             None => Target::Missing,
             Some(s) => Target::Found {
                 owner: s.labels().get(LABEL).cloned(),
+                owned_by: s
+                    .owner_references()
+                    .iter()
+                    .filter(|o| o.kind == "BaoSecret" && o.api_version.starts_with("kubebao.io/"))
+                    .map(|o| o.uid.clone())
+                    .collect(),
                 merge_from: s
                     .annotations()
                     .get(MERGE_ANNOTATION)
@@ -280,6 +343,19 @@ pub fn unchanged(last: Option<&Check>, cached_rv: Option<&str>) -> bool {
     cached_rv.is_some() && last.and_then(|c| c.secret_rv.as_deref()) == cached_rv
 }
 
+/// True when `target` is this BaoSecret's own Secret: it carries the [`LABEL`] naming it, or
+/// (label removed by someone) an ownerReference to it.
+fn is_mine(bs: &BaoSecret, target: &Target) -> bool {
+    let Target::Found {
+        owner, owned_by, ..
+    } = target
+    else {
+        return false;
+    };
+    owner.as_deref() == Some(bs.name_any().as_str())
+        || bs.uid().is_some_and(|uid| owned_by.contains(&uid))
+}
+
 /// Refuses a Secret this BaoSecret may not write. Creating a BaoSecret must not give more than
 /// creating the Secret would: someone else's Secret is taken over only when it opts in itself
 /// (annotation [`MERGE_ANNOTATION`] naming this BaoSecret, with `Merge`), and never one whose
@@ -289,10 +365,7 @@ fn may_write(bs: &BaoSecret, target: &Target) -> Result<(), Outcome> {
     let name = &bs.spec.target.name;
     let me = bs.name_any();
     let Target::Found {
-        owner,
-        merge_from,
-        type_,
-        ..
+        merge_from, type_, ..
     } = target
     else {
         return match (target, policy) {
@@ -321,7 +394,7 @@ fn may_write(bs: &BaoSecret, target: &Target) -> Result<(), Outcome> {
             ),
         )),
         CreationPolicy::Merge => Ok(()),
-        _ if owner.as_deref() != Some(me.as_str()) => Err(failed(
+        _ if !is_mine(bs, target) => Err(failed(
             true,
             "TargetExists",
             format!(
@@ -394,10 +467,17 @@ pub fn plan(
         Some(c) => c.generation == generation,
         None => status.observed_generation == generation,
     };
+    // A Secret whose label was removed is rewritten (the write restores the label).
+    let labelled = |owner: &Option<String>| owner.as_deref() == Some(bs.name_any().as_str());
     let (intact, secret_rv) = match target {
         Target::Unchanged { rv } => (true, rv.clone()),
         Target::Missing => (false, None),
-        Target::Found { hash, rv, .. } => (Some(hash) == known_hash.as_ref(), rv.clone()),
+        Target::Found {
+            hash, rv, owner, ..
+        } => (
+            Some(hash) == known_hash.as_ref() && labelled(owner),
+            rv.clone(),
+        ),
     };
     let plan = Plan {
         known_version: last.map_or(status.kv_version, |c| c.kv_version),

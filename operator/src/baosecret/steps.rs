@@ -12,7 +12,10 @@ use kube::{Resource, ResourceExt};
 use kubebao_openbao::{KvSecret, SecretString};
 use serde_json::{Value, json};
 
-use super::plan::{Check, KvLocation, Metadata, Target, failed, unchanged};
+use super::plan::{
+    Check, Failure, KvLocation, MAX_SECRET_BYTES, Metadata, Target, data_size, failed, rejected,
+    unchanged,
+};
 use super::{KEYS_ANNOTATION, LABEL, MANAGER, SecretsContext};
 use crate::api::BaoSecret;
 use crate::api::CreationPolicy;
@@ -37,6 +40,14 @@ pub fn remember(ctx: &Context, key: &str, check: Check) {
         .lock()
         .expect("checks lock")
         .insert(key.to_string(), check);
+}
+
+/// Forgets the checks of BaoSecrets that are gone (`live` is false for their `namespace/name`).
+pub fn forget_checks(ctx: &Context, live: impl Fn(&str) -> bool) {
+    ctx.checks
+        .lock()
+        .expect("checks lock")
+        .retain(|key, _| live(key));
 }
 
 /// The target Secret: not read when the metadata cache shows the resourceVersion we last wrote
@@ -245,13 +256,15 @@ fn desired_secret(bs: &BaoSecret, data: &BTreeMap<String, Vec<u8>>) -> Value {
     value
 }
 
-/// Writes the target Secret (server-side apply); returns its new resourceVersion.
+/// Writes the target Secret (server-side apply); returns its new resourceVersion. A write the
+/// API server refuses for good (invalid, too large, an immutable field) is a permanent
+/// failure; anything else is retried with backoff.
 pub async fn apply_secret(
     bs: &BaoSecret,
     ctx: &Context,
     ns: &str,
     data: &BTreeMap<String, Vec<u8>>,
-) -> Result<Option<String>, Outcome> {
+) -> Result<Option<String>, Failure> {
     let name = &bs.spec.target.name;
     ctx.metrics.secret_writes.inc();
     let written = Api::<Secret>::namespaced(ctx.client.clone(), ns)
@@ -261,14 +274,40 @@ pub async fn apply_secret(
             &Patch::Apply(&desired_secret(bs, data)),
         )
         .await
-        .map_err(|e| {
-            failed(
-                false,
-                "SecretWriteFailed",
-                format!("cannot write Secret {name}: {e}"),
-            )
-        })?;
+        .map_err(|e| write_failure(name, data, &e))?;
     Ok(written.resource_version())
+}
+
+/// Why writing Secret `name` with `data` failed: for good when the API server refuses it as
+/// too large (`SecretTooLarge`, with the sizes) or invalid (`SecretRejected`, e.g. an
+/// immutable field), else retried with backoff.
+fn write_failure(name: &str, data: &BTreeMap<String, Vec<u8>>, e: &kube::Error) -> Failure {
+    use crate::conditions::{api_message, refused_as_too_large, refused_for_good};
+    if refused_as_too_large(e) {
+        let size = data_size(data);
+        return rejected(
+            "SecretTooLarge",
+            format!(
+                "Kubernetes refuses Secret {name} as too large: {}; this BaoSecret writes {size} bytes (keys and values) into it, and a Secret holds at most {MAX_SECRET_BYTES} bytes in all (with creationPolicy Merge the Secret's own keys count too): select fewer keys with spec.keys",
+                api_message(e)
+            ),
+        );
+    }
+    if refused_for_good(e) {
+        return rejected(
+            "SecretRejected",
+            format!(
+                "Kubernetes refuses Secret {name} as this BaoSecret declares it: {}; change the spec (or the data in OpenBao) so that it is a valid Secret",
+                api_message(e)
+            ),
+        );
+    }
+    failed(
+        false,
+        "SecretWriteFailed",
+        format!("cannot write Secret {name}: {e}"),
+    )
+    .into()
 }
 
 /// Restarts each workload (pod template annotation); each result is an event, never an error.
@@ -301,6 +340,49 @@ pub async fn restart_workloads(bs: &BaoSecret, ctx: &Context, ns: &str, targets:
                 let note = format!("cannot restart {:?} {}: {e}", t.kind, t.name);
                 ctx.event(bs, true, "RolloutRestartFailed", note).await;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api_error(code: u16, reason: &str, message: &str) -> kube::Error {
+        kube::Error::Api(
+            kube::core::Status::failure(message, reason)
+                .with_code(code)
+                .boxed(),
+        )
+    }
+
+    #[test]
+    fn a_refused_write_is_told_once_and_a_transient_one_retried() {
+        let data: BTreeMap<String, Vec<u8>> = [("blob".to_string(), vec![b'x'; 600])].into();
+        let too_long =
+            "Secret \"big\" is invalid: data: Too long: may not be more than 1048576 bytes";
+        let f = write_failure("big", &data, &api_error(422, "Invalid", too_long));
+        assert!(f.permanent);
+        assert_eq!(f.outcome.reason(), "SecretTooLarge");
+        let message = f.outcome.message();
+        assert!(
+            message.contains(too_long) && message.contains("writes 604 bytes"),
+            "{message}"
+        );
+        let immutable = "Secret \"s\" is invalid: type: Invalid value: \"b\": field is immutable";
+        let f = write_failure("s", &data, &api_error(422, "Invalid", immutable));
+        assert!(f.permanent);
+        assert!(matches!(f.outcome, Outcome::Stalled { .. }));
+        assert_eq!(f.outcome.reason(), "SecretRejected");
+        assert!(f.outcome.message().contains("field is immutable"));
+        for transient in [
+            api_error(409, "Conflict", "the object has been modified"),
+            api_error(503, "ServiceUnavailable", "try again"),
+        ] {
+            let f = write_failure("s", &data, &transient);
+            assert!(!f.permanent);
+            assert!(matches!(f.outcome, Outcome::Retrying { .. }));
+            assert_eq!(f.outcome.reason(), "SecretWriteFailed");
         }
     }
 }

@@ -40,10 +40,22 @@ pub struct OperatorIdentity {
     pub token: TokenFn,
 }
 
+/// What an installation may use of the operator running it.
+#[derive(Clone, Debug)]
+pub struct Operator {
+    /// The operator's namespace: the only one an installation's Secret references may name.
+    pub namespace: String,
+    /// The audience of the operator's projected ServiceAccount token; an `auth.kubernetes`
+    /// login sends only a token for exactly this audience.
+    pub jwt_audience: String,
+}
+
 /// Shared controller state.
 pub struct Ctx {
     /// Kubernetes client.
     pub client: Client,
+    /// The operator running this controller.
+    pub operator: Operator,
     /// The operator's identity, if it has one.
     pub fallback: Option<OperatorIdentity>,
     /// Publishes Events about installations.
@@ -56,9 +68,15 @@ pub struct Ctx {
 
 impl Ctx {
     /// A context for `client`, publishing Events through `recorder`.
-    pub fn new(client: Client, fallback: Option<OperatorIdentity>, recorder: Recorder) -> Self {
+    pub fn new(
+        client: Client,
+        operator: Operator,
+        fallback: Option<OperatorIdentity>,
+        recorder: Recorder,
+    ) -> Self {
         Self {
             client,
+            operator,
             fallback,
             recorder,
             logins: Logins::new(Default::default()),
@@ -78,11 +96,12 @@ pub enum Error {
 /// Runs the controller until `shutdown` resolves.
 pub async fn run(
     client: Client,
+    operator: Operator,
     fallback: Option<OperatorIdentity>,
     recorder: Recorder,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let ctx = Arc::new(Ctx::new(client.clone(), fallback, recorder));
+    let ctx = Arc::new(Ctx::new(client.clone(), operator, fallback, recorder));
     let managed =
         watcher::Config::default().labels("app.kubernetes.io/managed-by=kubebao-operator");
     Controller::new(
@@ -209,7 +228,8 @@ async fn install(
 ) -> Result<Duration, Error> {
     let api: Api<KubeBaoInstallation> = Api::all(ctx.client.clone());
     let spec = &obj.spec;
-    let ca = match openbao::ca_pem(&ctx.client, spec).await {
+    openbao::refuse_foreign_secrets(spec, &ctx.operator.namespace, &mut v);
+    let ca = match openbao::ca_pem(ctx, spec).await {
         Ok(ca) => ca,
         Err(e) => {
             v.stall("CABundleMissing", e);

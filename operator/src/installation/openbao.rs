@@ -5,8 +5,8 @@
 
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
 use kube::api::Api;
-use kube::{Client, ResourceExt};
 use kubebao_openbao::tokens::{TokenCache, TokenError};
 use kubebao_openbao::{ClientConfig, Credentials, OpenBao, SecretString};
 
@@ -198,10 +198,56 @@ async fn prepare_openbao(
     prepare::ensure_approle(bao, token, kms, &policy).await
 }
 
-/// One key of a Secret, as text.
-async fn secret_key(client: &Client, default_ns: &str, r: &SecretKeyRef) -> Result<String, String> {
-    let ns = r.namespace.as_deref().unwrap_or(default_ns);
-    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+/// A Secret reference outside the operator's namespace stalls the installation (only a spec
+/// change fixes it); such a Secret is never read (see [`secret_key`]).
+pub fn refuse_foreign_secrets(spec: &KubeBaoInstallationSpec, operator_ns: &str, v: &mut Verdict) {
+    if let Err(e) = check_secret_refs(spec, operator_ns) {
+        v.stall("CrossNamespaceSecret", e);
+    }
+}
+
+/// Every Secret an installation names must be in the operator's own namespace: the
+/// installation is cluster-scoped, and reading elsewhere would let whoever writes it have the
+/// operator read (and send to the OpenBao address it names) another namespace's Secrets.
+fn check_secret_refs(spec: &KubeBaoInstallationSpec, operator_ns: &str) -> Result<(), String> {
+    let auth = spec.openbao.auth.as_ref();
+    let refs = [
+        ("openbao.caSecretRef", spec.openbao.ca_secret_ref.as_ref()),
+        (
+            "openbao.auth.tokenSecretRef",
+            auth.and_then(|a| a.token_secret_ref.as_ref()),
+        ),
+    ];
+    for (field, r) in refs {
+        if let Some(r) = r {
+            secret_namespace(field, r, operator_ns)?;
+        }
+    }
+    Ok(())
+}
+
+/// The namespace `r` reads from: the operator's own; naming any other is refused.
+fn secret_namespace<'a>(
+    field: &str,
+    r: &'a SecretKeyRef,
+    operator_ns: &'a str,
+) -> Result<&'a str, String> {
+    match r.namespace.as_deref() {
+        None => Ok(operator_ns),
+        Some(ns) if ns == operator_ns => Ok(ns),
+        Some(ns) => Err(format!(
+            "{field} names Secret {ns}/{}, outside the operator's namespace {operator_ns:?}; an \
+             installation reads Secrets only from there: move the Secret to {operator_ns:?} and \
+             drop the namespace",
+            r.name
+        )),
+    }
+}
+
+/// One key of a Secret in the operator's namespace, as text.
+async fn secret_key(ctx: &Ctx, field: &str, r: &SecretKeyRef) -> Result<String, String> {
+    let ns = secret_namespace(field, r, &ctx.operator.namespace)?;
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let s = api
         .get_opt(&r.name)
         .await
@@ -216,15 +262,12 @@ async fn secret_key(client: &Client, default_ns: &str, r: &SecretKeyRef) -> Resu
 }
 
 /// Resolves the CA bundle from `caBundle` or `caSecretRef`.
-pub async fn ca_pem(
-    client: &Client,
-    spec: &KubeBaoInstallationSpec,
-) -> Result<Option<String>, String> {
+pub async fn ca_pem(ctx: &Ctx, spec: &KubeBaoInstallationSpec) -> Result<Option<String>, String> {
     if let Some(ca) = &spec.openbao.ca_bundle {
         return Ok(Some(ca.clone()));
     }
     match &spec.openbao.ca_secret_ref {
-        Some(r) => secret_key(client, &spec.namespace, r).await.map(Some),
+        Some(r) => secret_key(ctx, "openbao.caSecretRef", r).await.map(Some),
         None => Ok(None),
     }
 }
@@ -255,10 +298,12 @@ pub async fn connect(
         ca_pem: ca.as_ref().map(|c| c.as_bytes().to_vec()),
         namespace: spec.openbao.namespace.clone(),
         timeout: None,
+        allow_plain_http: spec.openbao.allow_plain_http,
     })
-    .map_err(|e| (false, format!("openbao: {e}")))?;
+    .map_err(|e| (false, format!("openbao: {e}")))?
+    .with_jwt_audience(&ctx.operator.jwt_audience);
     if let Some(r) = &auth.token_secret_ref {
-        let token = secret_key(&ctx.client, &spec.namespace, r)
+        let token = secret_key(ctx, "openbao.auth.tokenSecretRef", r)
             .await
             .map_err(|e| (false, e))?;
         return Ok(Connection {
@@ -358,7 +403,11 @@ pub async fn ensure_credentials(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::tests::{counting_server, jwt_file, kube_client};
+    use crate::installation::controller::Operator;
+    use crate::installation::types::{KubeBaoInstallationStatus, OperatorAuth};
     use k8s_openapi::ByteString;
+    use kube::runtime::events::{Recorder, Reporter};
 
     fn credentials(role_id: &str, secret_id: &str, expires: &str) -> Secret {
         let mut s = Secret::default();
@@ -390,5 +439,129 @@ mod tests {
         let empty = credentials("role", "", expires);
         assert_eq!(kept_expiry(Some(&empty), "role", at - 3000, ttl), None);
         assert_eq!(kept_expiry(None, "role", at - 3000, ttl), None);
+    }
+
+    /// An installation controller context whose Kubernetes API is `kube_url`.
+    fn context(kube_url: &str) -> Ctx {
+        let client = kube_client(kube_url);
+        let reporter = Reporter {
+            controller: "test".into(),
+            instance: None,
+        };
+        let operator = Operator {
+            namespace: "kubebao-system".into(),
+            jwt_audience: "openbao".into(),
+        };
+        Ctx::new(
+            client.clone(),
+            operator,
+            None,
+            Recorder::new(client, reporter),
+        )
+    }
+
+    fn spec(openbao: serde_json::Value) -> KubeBaoInstallationSpec {
+        serde_json::from_value(serde_json::json!({"openbao": openbao})).unwrap()
+    }
+
+    fn secret_ref(namespace: Option<&str>) -> SecretKeyRef {
+        SecretKeyRef {
+            name: "openbao".into(),
+            namespace: namespace.map(str::to_string),
+            key: "value".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_secret_outside_the_operators_namespace_stalls_and_is_never_read() {
+        let (kube_url, kube_requests) = counting_server().await;
+        let ctx = context(&kube_url);
+        let mut foreign = spec(serde_json::json!({"address": "https://bao.example:8200"}));
+        foreign.openbao.ca_secret_ref = Some(secret_ref(Some("team-a")));
+        let e = ca_pem(&ctx, &foreign).await.unwrap_err();
+        assert!(
+            e.contains("openbao.caSecretRef names Secret team-a/openbao, outside the operator's namespace \"kubebao-system\""),
+            "{e}"
+        );
+        foreign.openbao.ca_secret_ref = None;
+        foreign.openbao.auth = Some(OperatorAuth {
+            kubernetes: None,
+            token_secret_ref: Some(secret_ref(Some("kube-system"))),
+        });
+        let Err((transient, e)) = connect(&ctx, &foreign, &None).await else {
+            panic!("a token Secret in kube-system was used");
+        };
+        assert!(
+            !transient && e.contains("openbao.auth.tokenSecretRef"),
+            "{e}"
+        );
+        assert_eq!(
+            *kube_requests.lock().unwrap(),
+            [] as [String; 0],
+            "nothing read"
+        );
+
+        // The reconcile records it as Stalled, with a reason that names the cause.
+        let mut v = Verdict::default();
+        refuse_foreign_secrets(&foreign, "kubebao-system", &mut v);
+        let mut status = KubeBaoInstallationStatus::default();
+        assert!(!v.apply(&mut status, Some(1)));
+        let stalled = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Stalled")
+            .unwrap();
+        assert_eq!(
+            (stalled.status.as_str(), stalled.reason.as_str()),
+            ("True", "CrossNamespaceSecret")
+        );
+
+        // The operator's namespace, named or by default, is read.
+        for namespace in [Some("kubebao-system"), None] {
+            let mut own = spec(serde_json::json!({"address": "https://bao.example:8200"}));
+            own.openbao.ca_secret_ref = Some(secret_ref(namespace));
+            let mut v = Verdict::default();
+            refuse_foreign_secrets(&own, "kubebao-system", &mut v);
+            let mut status = KubeBaoInstallationStatus::default();
+            assert!(v.apply(&mut status, Some(1)), "{:?}", status.conditions);
+            let e = ca_pem(&ctx, &own).await.unwrap_err();
+            assert!(e.contains("kubebao-system/openbao does not exist"), "{e}");
+        }
+        assert_eq!(
+            *kube_requests.lock().unwrap(),
+            ["/api/v1/namespaces/kubebao-system/secrets/openbao"; 2]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_installation_login_never_sends_a_token_for_the_api_server() {
+        let (bao_url, bao_requests) = counting_server().await;
+        let ctx = context("http://127.0.0.1:9");
+        let dir = tempfile::tempdir().unwrap();
+        let api_server = jwt_file(dir.path(), &["https://kubernetes.default.svc"]);
+        let mut installation = spec(serde_json::json!({
+            "address": bao_url,
+            "allowPlainHTTP": true,
+            "auth": {"kubernetes": {"role": "kubebao", "tokenPath": api_server}},
+        }));
+        let Err((transient, e)) = connect(&ctx, &installation, &None).await else {
+            panic!("logged in with the API server's token");
+        };
+        assert!(!transient && e.contains("not only \"openbao\""), "{e}");
+        assert_eq!(
+            *bao_requests.lock().unwrap(),
+            [] as [String; 0],
+            "nothing reached OpenBao"
+        );
+        // The projected token for OpenBao's audience is sent (this fake refuses it).
+        let projected = jwt_file(dir.path(), &["openbao"]);
+        installation.openbao.auth = Some(
+            serde_json::from_value(serde_json::json!(
+                {"kubernetes": {"role": "kubebao", "tokenPath": projected}}
+            ))
+            .unwrap(),
+        );
+        assert!(connect(&ctx, &installation, &None).await.is_err());
+        assert_eq!(*bao_requests.lock().unwrap(), ["/v1/auth/kubernetes/login"]);
     }
 }

@@ -53,7 +53,8 @@ pub struct KubeBaoInstallationSpec {
 pub struct OpenBaoSpec {
     /// OpenBao address as the agents and the operator reach it, e.g. `https://openbao.example.com:8200`.
     pub address: String,
-    /// PEM CA bundle that signs OpenBao's certificate (in addition to the system roots).
+    /// PEM CA bundle that signs OpenBao's certificate; when set, only it is trusted (not the
+    /// system roots).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_bundle: Option<String>,
     /// A Secret holding the PEM CA bundle instead of `caBundle`.
@@ -62,6 +63,15 @@ pub struct OpenBaoSpec {
     /// OpenBao namespace (enterprise-style namespaces), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
+    /// Allow a plain `http://` address, only to an OpenBao on a loopback address (tests, a local
+    /// dev server); never for a remote address. Passed to the KMS plugin and the CSI provider
+    /// as `--openbao-allow-plain-http`.
+    #[serde(
+        default,
+        rename = "allowPlainHTTP",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    pub allow_plain_http: bool,
     /// How the operator logs in to OpenBao to prepare it; unset: the operator's own identity
     /// (its `--operator-role`, `--openbao-token-file` or `--openbao-token-secret`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -74,7 +84,8 @@ pub struct OpenBaoSpec {
 pub struct SecretKeyRef {
     /// Secret name.
     pub name: String,
-    /// Secret namespace; default: the installation's `namespace`.
+    /// Secret namespace: only the operator's own namespace is allowed, and is the default
+    /// (a reference to another namespace is refused with `Stalled/CrossNamespaceSecret`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     /// Key in the Secret's data.
@@ -112,7 +123,8 @@ pub struct KubernetesAuth {
     /// OpenBao role of the operator.
     #[serde(default = "default_operator_role")]
     pub role: String,
-    /// File holding the operator's ServiceAccount token.
+    /// File holding the operator's projected ServiceAccount token for OpenBao. Its only
+    /// audience must be the operator's `--operator-jwt-audience`, else it is not sent.
     #[serde(default = "default_token_path")]
     pub token_path: String,
 }
@@ -434,7 +446,8 @@ fn default_operator_role() -> String {
     "kubebao".into()
 }
 fn default_token_path() -> String {
-    "/var/run/secrets/kubernetes.io/serviceaccount/token".into()
+    // The chart's projected token for OpenBao's audience, never the API server's token.
+    "/var/run/secrets/openbao/token".into()
 }
 fn default_transit_mount() -> String {
     "transit".into()

@@ -73,7 +73,7 @@ pub async fn nodes_uninstalled(
 ) -> Result<bool, Error> {
     let name = obj.name_any();
     let spec = &obj.spec;
-    let ca = ca_pem(&ctx.client, spec).await.ok().flatten();
+    let ca = ca_pem(ctx, spec).await.ok().flatten();
     let rctx = RenderContext {
         instance: name.clone(),
         ca_pem: ca,
@@ -141,7 +141,7 @@ async fn delete_objects(o: &Objects) -> Result<(), kube::Error> {
 async fn remove_plugin_access(obj: &KubeBaoInstallation, ctx: &Ctx) {
     let name = obj.name_any();
     let spec = &obj.spec;
-    let ca = ca_pem(&ctx.client, spec).await.ok().flatten();
+    let ca = ca_pem(ctx, spec).await.ok().flatten();
     let role = prepare::plugin_role_name(&spec.kms);
     let path = format!("auth/{}/role/{role}", spec.kms.approle_mount);
     let note = match connect(ctx, spec, &ca).await {

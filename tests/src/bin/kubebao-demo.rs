@@ -1,46 +1,39 @@
-//! `make demo`: KubeBao end to end on a local test bed, told in plain words.
+//! `make demo`: KubeBao end to end on a local test bed and a real node, told in plain words.
 //!
-//! Brings up etcd, kube-apiserver, kube-controller-manager and OpenBao, installs the CRDs, runs
-//! the operator, applies `examples/` (KubeBaoInstallation, BaoPolicy, BaoSecret,
-//! SecretProviderClass), runs the node side locally as the end-to-end tests do (the installer,
-//! the KMS plugin from the installed static pod, the API server with the installed
-//! EncryptionConfiguration, the CSI provider mounting as the pod), then stays up until Ctrl-C.
-//! The binaries come from `KUBEBAO_BIN_DIR` (the Makefile builds them into target/debug).
+//! Brings up etcd, kube-apiserver, kube-controller-manager and OpenBao, then a node (containerd,
+//! the kubelet, kube-scheduler and the real Secrets Store CSI driver) with KubeBao's own image
+//! built from `KUBEBAO_BIN_DIR` (the Makefile builds the binaries into target/debug). It runs the
+//! operator, applies `examples/` (KubeBaoInstallation, BaoPolicy, BaoSecret, SecretProviderClass
+//! and its pod) and lets Kubernetes do the rest: the installer DaemonSet's pod writes the KMS
+//! static pod, the kubelet runs it, the API server encrypts through it, the CSI provider's pod
+//! serves the driver, and the application pod reads its secret file. Stays up until Ctrl-C, then
+//! stops everything and restores the host. Needs root (the kubelet does).
 
-use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
-use kubebao_proto::csi::csi_driver_provider_client::CsiDriverProviderClient;
-use kubebao_proto::csi::{MountRequest, MountResponse};
-use kubebao_testbed::{Component, OpenBaoServer, Testbed, free_port, wait_for};
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, PostParams};
+use kubebao_testbed::node_image::{
+    CsiDriver, CsiDriverOptions, chart_csi_driver_object, import_image, pod_volume_dir,
+    write_kubebao_image,
+};
+use kubebao_testbed::{Component, NODE_NAME, Node, OpenBaoServer, Testbed, free_port, wait_for};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-const WAIT: Duration = Duration::from_secs(90);
+const WAIT: Duration = Duration::from_secs(120);
+/// The operator's namespace, where the installation's DaemonSets and the static pod run.
+const NS: &str = "kubebao-system";
+/// Where pods reach OpenBao's TLS listener (the node forwards it; its certificate names it).
+const OPENBAO_PORT_FOR_PODS: u16 = 8200;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("repository root")
         .to_path_buf()
-}
-
-fn bin(name: &str) -> PathBuf {
-    let dir = std::env::var_os("KUBEBAO_BIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target/debug"));
-    let path = dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} is missing: run `make demo` (it builds the binaries first)",
-        path.display()
-    );
-    path
 }
 
 fn step(text: &str) {
@@ -127,75 +120,118 @@ async fn wait_condition(
     .await
 }
 
-async fn http_ok(url: String) -> Result<String, String> {
-    let resp = reqwest::get(&url).await.map_err(|e| e.to_string())?;
-    let ok = resp.status().is_success();
-    let body = resp.text().await.map_err(|e| e.to_string())?;
-    if ok { Ok(body) } else { Err(body) }
-}
-
-/// KubeBao's binaries, from `KUBEBAO_BIN_DIR`.
-struct KubeBaoBinaries {
-    operator: PathBuf,
-    installer: PathBuf,
-    kms: PathBuf,
-    csi: PathBuf,
-}
-
-impl KubeBaoBinaries {
-    /// Finds every binary up front, so a missing one fails before the test bed starts.
-    fn locate() -> Self {
-        Self {
-            operator: bin("kubebao-operator"),
-            installer: bin("kubebao-installer"),
-            kms: bin("kubebao-kms"),
-            csi: bin("kubebao-csi"),
-        }
+/// The directory with KubeBao's four binaries (`KUBEBAO_BIN_DIR`), checked up front.
+fn bin_dir() -> PathBuf {
+    let dir = std::env::var_os("KUBEBAO_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/debug"));
+    for name in [
+        "kubebao-operator",
+        "kubebao-kms",
+        "kubebao-csi",
+        "kubebao-installer",
+    ] {
+        assert!(
+            dir.join(name).is_file(),
+            "{} is missing: run `make demo` (it builds the binaries first)",
+            dir.join(name).display()
+        );
     }
+    dir
 }
 
-/// Where the KubeBaoInstallation puts the node's files (under a temporary host root).
-struct NodeFiles {
-    manifests: PathBuf,
-    config: PathBuf,
-    socket: PathBuf,
-    kms_port: u16,
+fn assert_root() {
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Uid:")
+                .map(|v| v.split_whitespace().next().map(str::to_string))
+        })
+        .flatten();
+    assert!(
+        uid.as_deref() == Some("0"),
+        "make demo runs a real kubelet and containerd, which need root: run it as root (sudo make demo)"
+    );
 }
 
 #[tokio::main]
 async fn main() {
     kubebao_openbao::install_crypto_provider();
-    let bins = KubeBaoBinaries::locate();
+    assert_root();
+    let bins = bin_dir();
     let bed = start_test_bed().await;
+    let mut node = start_node(&bed, &bins).await;
     write_app_secrets(bed.openbao()).await;
-    let (mut operator, token_file) = start_operator(&bed, &bins.operator);
-    let (node, key_id) = apply_installation(&bed, &mut operator).await;
-    let installer = run_installer(&bed, &bins.installer, &node).await;
-    let plugin = start_kms_plugin(&bed, &bins.kms, &node).await;
-    let client = encrypt_with_kms(&bed, &node).await;
+    let (mut operator, token_file) = start_operator(&bed, &bins.join("kubebao-operator"));
+    let host = tempfile::Builder::new()
+        .prefix("kubebao-demo-host-")
+        .tempdir_in("/tmp")
+        .expect("host dir");
+    let key_id = apply_installation(&bed, &mut node, &mut operator, host.path()).await;
+    let client = encrypt_with_kms(&bed, host.path()).await;
     show_baosecret_sync(&client, &mut operator).await;
     show_etcd_proof(&bed, &key_id).await;
-    let csi = show_csi_mount(&bed, &client, &bins.csi).await;
+    show_csi_mount(&bed, &node).await;
     print_summary(&bed, &token_file);
-    // Stopped in this order: the CSI provider first, the operator last, then the test bed.
-    wait_and_clean_up(bed, [csi, plugin, installer, operator]).await;
+    wait_and_clean_up(bed, node, operator).await;
 }
 
-/// etcd, kube-apiserver, kube-controller-manager and OpenBao, with Kubernetes auth and two nodes.
+/// etcd, kube-apiserver, kube-controller-manager and OpenBao, with Kubernetes auth.
 async fn start_test_bed() -> Testbed {
     step(
         "Starting the test bed: etcd, kube-apiserver, kube-controller-manager and OpenBao on loopback",
     );
     let bed = Testbed::start(Default::default()).await;
     bed.enable_kubernetes_auth().await;
-    bed.register_node("control-plane-1", &[], true).await;
-    bed.register_node("worker-1", &[], false).await;
+    std::fs::write(bed.dir().join("openbao-ca.pem"), bed.openbao().ca_pem()).expect("write CA");
     said(&format!(
         "Kubernetes {} and OpenBao {} are up; Kubernetes auth is enabled in OpenBao",
         bed.apiserver_url(),
-        bed.openbao().addr()
+        bed.openbao().tls_addr()
     ));
     bed
+}
+
+/// The node, KubeBao's image in its containerd, and the real CSI driver with the chart's
+/// CSIDriver object (pod tokens for OpenBao, rotation on).
+async fn start_node(bed: &Testbed, bins: &Path) -> (Node, CsiDriver) {
+    step("Starting a node: containerd, kubelet, kube-scheduler and the Secrets Store CSI driver");
+    let started = Instant::now();
+    let node = Node::start(bed).await;
+    // The KMS plugin goes on control-plane nodes: this node is one.
+    bed.kubectl(&[
+        "label",
+        "node",
+        NODE_NAME,
+        "node-role.kubernetes.io/control-plane=",
+    ]);
+    let tarball = bed.dir().join("kubebao-image.tar");
+    write_kubebao_image(bins, &tarball);
+    import_image(&node, &tarball);
+    let csi = CsiDriver::start(
+        bed,
+        &node,
+        CsiDriverOptions {
+            provider_dir: provider_dir(bed),
+            rotation_poll_interval: Some(Duration::from_secs(10)),
+            csi_driver_object: Some(chart_csi_driver_object(bed)),
+        },
+    )
+    .await;
+    said(&format!(
+        "node {NODE_NAME} is Ready with KubeBao's image ({} MB) and the CSI driver, in {:.1?}",
+        std::fs::metadata(&tarball)
+            .map(|m| m.len() / 1_000_000)
+            .unwrap_or(0),
+        started.elapsed()
+    ));
+    (node, csi)
+}
+
+/// Where the CSI driver looks for KubeBao's provider socket (a host path the DaemonSet mounts).
+fn provider_dir(bed: &Testbed) -> PathBuf {
+    bed.dir().join("csi-providers")
 }
 
 /// The application's secrets the BaoSecret and the CSI mount read.
@@ -221,6 +257,8 @@ async fn write_app_secrets(bao: &OpenBaoServer) {
 fn start_operator(bed: &Testbed, operator_bin: &Path) -> (Component, PathBuf) {
     step("Installing the CRDs and starting the operator");
     bed.install_crds();
+    bed.try_kubectl(&["create", "namespace", NS], "")
+        .expect("create the operator's namespace");
     let bao = bed.openbao();
     // For brevity the demo operator uses the root token; in a cluster it logs in as its own
     // ServiceAccount (docs/operations.md lists the policy it needs).
@@ -234,8 +272,10 @@ fn start_operator(bed: &Testbed, operator_bin: &Path) -> (Component, PathBuf) {
         operator_bin,
         &[
             format!("--openbao-addr={}", bao.addr()),
+            // The demo's OpenBao listens on loopback only.
+            "--openbao-allow-plain-http".into(),
             format!("--openbao-token-file={}", token_file.display()),
-            "--namespace=kube-system".into(),
+            format!("--namespace={NS}"),
             "--leader-elect=false".into(),
             format!("--metrics-addr=127.0.0.1:{}", free_port()),
         ],
@@ -248,28 +288,41 @@ fn start_operator(bed: &Testbed, operator_bin: &Path) -> (Component, PathBuf) {
     (operator, token_file)
 }
 
-/// Applies the example KubeBaoInstallation, pointed at this test bed; returns where it puts the
-/// node's files and the Transit key_id the operator prepared.
-async fn apply_installation(bed: &Testbed, operator: &mut Component) -> (NodeFiles, String) {
-    step(
-        "Applying examples/kubebaoinstallation.yaml (pointed at the local OpenBao and a temporary host root)",
-    );
-    let (client, bao) = (bed.client().await, bed.openbao());
-    let host = bed.dir().join("host");
-    let node = NodeFiles {
-        manifests: host.join("etc/kubernetes/manifests"),
-        config: host.join("etc/kubebao"),
-        socket: host.join("run/kubebao/kms.sock"),
-        kms_port: free_port(),
-    };
+/// Applies the example KubeBaoInstallation, pointed at this test bed and the node's paths;
+/// returns the Transit key_id once the KMS static pod and the CSI provider's pod are ready.
+async fn apply_installation(
+    bed: &Testbed,
+    (node, _): &mut (Node, CsiDriver),
+    operator: &mut Component,
+    host: &Path,
+) -> String {
+    step("Applying examples/kubebaoinstallation.yaml (pointed at the local OpenBao and this node)");
+    let client = bed.client().await;
+    let bao = bed.openbao();
+    let target = bao
+        .tls_addr()
+        .trim_start_matches("https://")
+        .parse()
+        .expect("address");
+    let for_pods = node.expose_to_pods(OPENBAO_PORT_FOR_PODS, target);
     let mut kbi = example("kubebaoinstallation.yaml").remove(0);
-    kbi["spec"]["openbao"] =
-        json!({"address": bao.tls_addr(), "caBundle": String::from_utf8_lossy(bao.ca_pem())});
-    kbi["spec"]["kms"]["manifestDir"] = json!(node.manifests);
-    kbi["spec"]["kms"]["configDir"] = json!(node.config);
-    kbi["spec"]["kms"]["socketPath"] = json!(node.socket);
-    kbi["spec"]["kms"]["healthPort"] = json!(node.kms_port);
-    kbi["spec"]["csi"]["providerDir"] = json!(host.join("providers"));
+    kbi["spec"]["namespace"] = json!(NS);
+    kbi["spec"]["openbao"] = json!({
+        "address": format!("https://{for_pods}"),
+        "caBundle": String::from_utf8_lossy(bao.ca_pem()),
+    });
+    let kms = &mut kbi["spec"]["kms"];
+    kms["image"] = json!(kubebao_testbed::node_image::KUBEBAO_IMAGE);
+    kms["imagePullPolicy"] = json!("Never");
+    kms["manifestDir"] = json!(node.static_pod_dir());
+    kms["configDir"] = json!(host.join("etc-kubebao"));
+    kms["socketPath"] = json!(host.join("run/kms.sock"));
+    kms["healthPort"] = json!(free_port());
+    let csi = &mut kbi["spec"]["csi"];
+    csi["image"] = json!(kubebao_testbed::node_image::KUBEBAO_IMAGE);
+    csi["imagePullPolicy"] = json!("Never");
+    csi["providerDir"] = json!(provider_dir(bed));
+    let started = Instant::now();
     apply(&client, kbi.clone()).await;
     let installed = wait_condition(&client, &kbi, "OpenBaoReady", operator).await;
     let key_id = installed.data["status"]["keyId"]
@@ -279,89 +332,55 @@ async fn apply_installation(bed: &Testbed, operator: &mut Component) -> (NodeFil
     said(&format!(
         "OpenBao prepared: Transit key kubebao-kms (not exportable, not deletable), the plugin's policy and AppRole; key_id {key_id}"
     ));
-    (node, key_id)
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    ready_pod(&pods, "app.kubernetes.io/component=installer", operator).await;
+    ready_pod(&pods, "app.kubernetes.io/component=kms", operator).await;
+    said(&format!(
+        "the installer pod wrote {} and the kubelet runs the KMS plugin as static pod kubebao-kms-{NODE_NAME} (ready in {:.1?})",
+        node.static_pod_dir().join("kubebao-kms.yaml").display(),
+        started.elapsed()
+    ));
+    ready_pod(&pods, "app.kubernetes.io/component=csi", operator).await;
+    said("the CSI provider's DaemonSet pod serves kubebao.sock to the CSI driver");
+    key_id
 }
 
-/// Runs the node installer on the bundle and credentials the operator rendered, as its
-/// DaemonSet would mount them; returns it once ready.
-async fn run_installer(bed: &Testbed, installer_bin: &Path, node: &NodeFiles) -> Component {
-    step(
-        "Node side: the installer writes the static pod, the EncryptionConfiguration and the credentials",
-    );
-    let (bundle_dir, secrets_dir) = (
-        bed.dir().join("installer-bundle"),
-        bed.dir().join("installer-secrets"),
-    );
-    std::fs::create_dir_all(&bundle_dir).expect("bundle dir");
-    std::fs::create_dir_all(&secrets_dir).expect("secrets dir");
-    wait_for(
-        "the installer bundle and the plugin's AppRole Secret",
-        WAIT,
-        || async {
-            bed.mount_config_map("kube-system", "kubebao-installer", &bundle_dir)
-                .await?;
-            bed.mount_secret("kube-system", "kubebao-kms-approle", &secrets_dir)
+/// The first pod matching `selector` once it is Running and Ready.
+async fn ready_pod(pods: &Api<Pod>, selector: &str, operator: &mut Component) -> Pod {
+    wait_for(&format!("a ready pod {selector}"), WAIT, || {
+        operator.assert_running();
+        let pods = pods.clone();
+        async move {
+            let list = pods
+                .list(&ListParams::default().labels(selector))
                 .await
-        },
-    )
-    .await;
-    let installer_port = free_port();
-    let mut installer = Component::start(
-        "kubebao-installer",
-        bed.dir(),
-        installer_bin,
-        &[
-            "run".into(),
-            format!("--bundle={}", bundle_dir.display()),
-            format!("--secrets={}", secrets_dir.display()),
-            "--host-root=/".into(),
-            format!("--listen=127.0.0.1:{installer_port}"),
-        ],
-    );
-    let ready = wait_for("the installer", WAIT, || {
-        installer.assert_running();
-        http_ok(format!("http://127.0.0.1:{installer_port}/readyz"))
+                .map_err(|e| e.to_string())?;
+            let pod = list.items.into_iter().next().ok_or("no pod yet")?;
+            let ready = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            if ready {
+                Ok(pod)
+            } else {
+                Err(format!("{:?}", pod.status.and_then(|s| s.phase)))
+            }
+        }
     })
-    .await;
-    said(&format!(
-        "installed ({}): {}",
-        ready.trim(),
-        node.manifests.join("kubebao-kms.yaml").display()
-    ));
-    installer
+    .await
 }
 
-/// Starts the KMS plugin with the arguments of the installed static pod; returns it once ready.
-async fn start_kms_plugin(bed: &Testbed, kms_bin: &Path, node: &NodeFiles) -> Component {
-    step("Starting the KMS plugin exactly as the installed static pod says");
-    let pod: Pod = serde_saphyr::from_str(
-        &std::fs::read_to_string(node.manifests.join("kubebao-kms.yaml")).expect("manifest"),
-    )
-    .expect("pod");
-    let args = pod.spec.expect("pod spec").containers[0]
-        .args
-        .clone()
-        .unwrap_or_default();
-    let mut plugin = Component::start("kubebao-kms", bed.dir(), kms_bin, &args);
-    wait_for("the KMS plugin to be ready", WAIT, || {
-        plugin.assert_running();
-        http_ok(format!("http://127.0.0.1:{}/readyz", node.kms_port))
-    })
-    .await;
-    said(&format!(
-        "kubebao-kms serves {} (mode 0600), logged in with the installed AppRole",
-        node.socket.display()
-    ));
-    plugin
-}
-
-/// Restarts kube-apiserver with the installed EncryptionConfiguration; returns a client to it.
-async fn encrypt_with_kms(bed: &Testbed, node: &NodeFiles) -> kube::Client {
+/// Restarts kube-apiserver with the EncryptionConfiguration the installer pod wrote; returns a
+/// client to it.
+async fn encrypt_with_kms(bed: &Testbed, host: &Path) -> kube::Client {
     step("Restarting kube-apiserver with the installed EncryptionConfiguration");
-    bed.restart_apiserver(Some(&node.config.join("encryption-config.yaml")))
+    bed.restart_apiserver(Some(&host.join("etc-kubebao/encryption-config.yaml")))
         .await;
     let client = bed.client().await;
-    said("the API server now encrypts Secrets with the kubebao KMS v2 provider");
+    said(
+        "the API server now encrypts Secrets with the kubebao KMS v2 provider, through the static pod's socket",
+    );
     client
 }
 
@@ -406,183 +425,58 @@ async fn show_etcd_proof(bed: &Testbed, key_id: &str) {
     ));
 }
 
-/// Mounts the example SecretProviderClass for the example pod through the CSI provider, as the
-/// Secrets Store CSI driver would, and shows the pod's files; returns the running provider.
-async fn show_csi_mount(bed: &Testbed, client: &kube::Client, csi_bin: &Path) -> Component {
-    step("A pod mounts examples/secretproviderclass.yaml through the CSI provider");
-    let (mut csi, socket) = start_csi_provider(bed, csi_bin).await;
+/// The example pod (with the node's pause image instead of a registry image) mounts the example
+/// SecretProviderClass through the real CSI driver and KubeBao's provider pod; shows its file.
+async fn show_csi_mount(bed: &Testbed, (node, _): &(Node, CsiDriver)) {
+    step("The pod of examples/secretproviderclass.yaml mounts its secret through the CSI driver");
+    let client = bed.client().await;
     let docs = example("secretproviderclass.yaml");
-    let spc = docs
-        .iter()
-        .find(|d| d["kind"] == "SecretProviderClass")
-        .expect("SecretProviderClass");
-    let pod_obj = docs
-        .iter()
+    for doc in docs.iter().filter(|d| d["kind"] != "Pod") {
+        bed.apply(&doc.to_string());
+    }
+    let mut pod = docs
+        .into_iter()
         .find(|d| d["kind"] == "Pod")
-        .expect("Pod")
-        .clone();
-    bed.service_account("default", "my-app").await;
-    let pod: Pod = serde_json::from_value(pod_obj).expect("pod");
-    let pod = Api::<Pod>::namespaced(client.clone(), "default")
-        .create(&PostParams::default(), &pod)
-        .await
-        .expect("create pod");
-    let (pod_name, pod_uid) = (
-        pod.metadata.name.clone().unwrap_or_default(),
-        pod.metadata.uid.clone().unwrap_or_default(),
-    );
-    let token = pod_token(client, &pod_name, &pod_uid).await;
-    let attributes = mount_attributes(spc, &pod_name, pod_uid, token);
-    let resp = csi_mount(&socket, &attributes, &mut csi).await;
-    show_pod_files(&bed.dir().join("pod-volume"), &resp);
-    said(&format!(
-        "logged in to OpenBao as default/my-app through role my-app, for pod {pod_name}"
-    ));
-    csi
-}
-
-/// Starts the CSI provider with the object-version key its DaemonSet mounts; returns it and
-/// its socket.
-async fn start_csi_provider(bed: &Testbed, csi_bin: &Path) -> (Component, PathBuf) {
-    let csi_dir = bed.dir().join("csi");
-    std::fs::create_dir_all(&csi_dir).expect("csi dir");
-    // The object-version key, as the CSI DaemonSet mounts it from the rendered Secret.
-    bed.mount_secret(
-        "kube-system",
-        "kubebao-csi-object-version-key",
-        &csi_dir.join("version-key"),
-    )
-    .await
-    .expect("object version key Secret");
-    let version_key = csi_dir.join("version-key/key");
-    let csi = Component::start(
-        "kubebao-csi",
-        bed.dir(),
-        csi_bin,
-        &[
-            format!("--provider-dir={}", csi_dir.display()),
-            format!("--openbao-addr={}", bed.openbao().addr()),
-            format!("--kubeconfig={}", bed.kubeconfig().display()),
-            "--audience=openbao".into(),
-            format!("--object-version-key-file={}", version_key.display()),
-            format!("--listen=127.0.0.1:{}", free_port()),
-        ],
-    );
-    (csi, csi_dir.join("kubebao.sock"))
-}
-
-/// What the kubelet hands the driver for `tokenRequests: [{audience: openbao}]`: a token of
-/// ServiceAccount default/my-app bound to the pod.
-async fn pod_token(client: &kube::Client, pod_name: &str, pod_uid: &str) -> String {
-    Api::<ServiceAccount>::namespaced(client.clone(), "default")
-        .create_token_request(
-            "my-app",
+        .expect("the example has a Pod");
+    pod["spec"]["containers"][0]["image"] = json!(node.pause_image());
+    pod["spec"]["containers"][0]["imagePullPolicy"] = json!("Never");
+    let pods: Api<Pod> = Api::namespaced(client, "default");
+    let started = Instant::now();
+    let pod = pods
+        .create(
             &PostParams::default(),
-            &TokenRequest {
-                spec: TokenRequestSpec {
-                    audiences: vec!["openbao".into()],
-                    expiration_seconds: Some(3600),
-                    bound_object_ref: Some(BoundObjectReference {
-                        api_version: Some("v1".into()),
-                        kind: Some("Pod".into()),
-                        name: Some(pod_name.into()),
-                        uid: Some(pod_uid.into()),
-                    }),
-                },
-                ..Default::default()
-            },
+            &serde_json::from_value(pod).expect("pod"),
         )
         .await
-        .expect("pod token")
-        .status
-        .expect("token status")
-        .token
-}
-
-/// The mount request's attributes, as the driver builds them: the SecretProviderClass's
-/// parameters plus the pod's identity and token.
-fn mount_attributes(
-    spc: &Value,
-    pod_name: &str,
-    pod_uid: String,
-    token: String,
-) -> BTreeMap<String, String> {
-    let mut attributes: BTreeMap<String, String> = spc["spec"]["parameters"]
-        .as_object()
-        .expect("parameters")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
-        .collect();
-    for (k, v) in [
-        ("secretProviderClass", "kubebao-secrets".to_string()),
-        ("csi.storage.k8s.io/pod.name", pod_name.to_string()),
-        ("csi.storage.k8s.io/pod.namespace", "default".into()),
-        ("csi.storage.k8s.io/pod.uid", pod_uid),
-        ("csi.storage.k8s.io/serviceAccount.name", "my-app".into()),
-        (
-            "csi.storage.k8s.io/serviceAccount.tokens",
-            json!({"openbao": {"token": token, "expirationTimestamp": "2099-01-01T00:00:00Z"}})
-                .to_string(),
-        ),
-    ] {
-        attributes.insert(k.to_string(), v);
-    }
-    attributes
-}
-
-/// Calls the CSI provider's Mount over its socket until it answers.
-async fn csi_mount(
-    socket: &Path,
-    attributes: &BTreeMap<String, String>,
-    csi: &mut Component,
-) -> MountResponse {
-    wait_for("the CSI provider to mount", WAIT, || {
-        csi.assert_running();
-        let (socket, attributes) = (
-            socket.to_path_buf(),
-            serde_json::to_string(attributes).expect("attributes"),
-        );
+        .expect("create the example pod");
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let pod = wait_for("the example pod to run", WAIT, || {
+        let (pods, name) = (pods.clone(), name.clone());
         async move {
-            let channel =
-                tonic::transport::Endpoint::try_from(format!("unix://{}", socket.display()))
-                    .map_err(|e| e.to_string())?
-                    .connect()
-                    .await
-                    .map_err(|e| e.to_string())?;
-            CsiDriverProviderClient::new(channel)
-                .mount(MountRequest {
-                    attributes,
-                    permission: "420".into(),
-                    ..Default::default()
-                })
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|e| e.to_string())
+            let pod = pods.get(&name).await.map_err(|e| e.to_string())?;
+            match pod.status.as_ref().and_then(|s| s.phase.as_deref()) {
+                Some("Running") => Ok(pod),
+                other => Err(format!("phase {other:?}")),
+            }
         }
     })
-    .await
-}
-
-/// Writes the mounted files into `mount_dir`, as the driver does for the pod, and shows each.
-fn show_pod_files(mount_dir: &Path, resp: &MountResponse) {
-    for f in &resp.files {
-        let path = mount_dir.join(&f.path);
-        std::fs::create_dir_all(path.parent().expect("parent")).expect("mount dir");
-        std::fs::write(&path, &f.contents).expect("write file");
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(f.mode as u32))
-            .expect("mode");
-        said(&format!(
-            "the pod sees {} (mode {:o}), content: {:?} (demo data), version {}",
-            path.display(),
-            f.mode,
-            String::from_utf8_lossy(&f.contents),
-            resp.object_version
-                .iter()
-                .find(|v| v.id == f.path)
-                .map(|v| v.version.as_str())
-                .unwrap_or("-")
-        ));
-    }
+    .await;
+    let uid = pod.metadata.uid.as_deref().unwrap_or_default();
+    let file = pod_volume_dir(node, uid, "kubernetes.io~csi", "secrets")
+        .join("mount")
+        .join("db-password");
+    let content = std::fs::read(&file).expect("the pod's secret file");
+    let mode = std::fs::metadata(&file)
+        .map(|m| m.permissions().mode() & 0o777)
+        .unwrap_or(0);
+    said(&format!(
+        "pod default/{name} runs {:.1?} after it was created and reads /mnt/secrets/db-password (mode {mode:o}): {:?} (demo data)",
+        started.elapsed(),
+        String::from_utf8_lossy(&content)
+    ));
+    said(
+        "the provider logged in to OpenBao as the pod's own ServiceAccount default/my-app (role my-app)",
+    );
 }
 
 /// What to try while the demo runs.
@@ -590,26 +484,38 @@ fn print_summary(bed: &Testbed, token_file: &Path) {
     let kubectl = bed.binaries().kubectl.display().to_string();
     println!(
         "\nKubeBao is running. Try:\
+         \n  {kubectl} --kubeconfig {kc} get pods -A -o wide\
          \n  {kubectl} --kubeconfig {kc} get kubebaoinstallations,baopolicies,baosecrets -A\
          \n  {kubectl} --kubeconfig {kc} create secret generic hello -n default --from-literal=a=b\
          \n  (then etcd holds it encrypted: k8s:enc:kms:v2:kubebao:…)\
-         \n  BAO_ADDR={addr} BAO_TOKEN=$(cat {tf}) {bao} read transit/keys/kubebao-kms\
+         \n  BAO_ADDR={addr} BAO_CACERT={ca} BAO_TOKEN=$(cat {tf}) {bao} read transit/keys/kubebao-kms\
          \n  logs: {dir}\
-         \n\nPress Ctrl-C to stop and clean up.",
+         \n\nPress Ctrl-C to stop, clean up and restore the host.",
         kc = bed.kubeconfig().display(),
-        addr = bed.openbao().addr(),
+        addr = bed.openbao().tls_addr(),
+        ca = bed.dir().join("openbao-ca.pem").display(),
         tf = token_file.display(),
         bao = bed.binaries().bao.display(),
         dir = bed.dir().display(),
     );
 }
 
-/// Waits for Ctrl-C, then stops `kubebao` in order and the test bed, which removes its
-/// temporary directory.
-async fn wait_and_clean_up(bed: Testbed, kubebao: [Component; 4]) {
+/// Waits for Ctrl-C, then stops the operator, the node (restoring the host) and the test bed,
+/// which removes its temporary directory.
+async fn wait_and_clean_up(bed: Testbed, (node, csi): (Node, CsiDriver), operator: Component) {
     tokio::signal::ctrl_c().await.expect("wait for Ctrl-C");
-    println!("\nStopping KubeBao and the test bed…");
-    drop(kubebao);
+    println!("\nStopping KubeBao, the node and the test bed…");
+    drop(operator);
+    drop(csi);
+    let before = node.host_before().clone();
+    let differences = node.stop().differences(&before);
     drop(bed);
-    println!("Stopped; temporary files removed.");
+    if differences.is_empty() {
+        println!("Stopped; the host is restored and temporary files are removed.");
+    } else {
+        println!(
+            "Stopped, but the host still differs:\n{}",
+            differences.join("\n")
+        );
+    }
 }

@@ -51,7 +51,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 }
 
 /// The pod network: Debian's `bridge` + `host-local` plugins on [`BRIDGE`], with no gateway
-/// (`isGateway` would turn IP forwarding on) and no masquerading (no iptables rules).
+/// (`isGateway` would turn IP forwarding on) and no masquerading (no iptables rules). One route:
+/// the service address via the host's bridge address, which the host delivers to itself
+/// (node/services.rs).
 pub(crate) fn cni_conflist(ipam_dir: &Path) -> String {
     serde_json::json!({
         "cniVersion": "1.0.0",
@@ -65,6 +67,10 @@ pub(crate) fn cni_conflist(ipam_dir: &Path) -> String {
                 "type": "host-local",
                 "dataDir": ipam_dir,
                 "ranges": [[{"subnet": POD_SUBNET, "rangeStart": "10.244.0.10"}]],
+                "routes": [{
+                    "dst": format!("{}/32", super::services::SERVICE_IP),
+                    "gw": BRIDGE_ADDRESS.split('/').next(),
+                }],
             },
         }],
     })

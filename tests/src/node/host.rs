@@ -57,6 +57,9 @@ pub struct HostState {
     pub iptables: BTreeMap<String, String>,
     /// Network interface names.
     pub links: BTreeSet<String>,
+    /// Addresses on the loopback interface (the node adds the pods' service address there).
+    #[serde(default)]
+    pub loopback_addresses: BTreeSet<String>,
     /// Every file and directory under the watched host directories.
     pub paths: BTreeSet<String>,
 }
@@ -82,6 +85,7 @@ impl HostState {
                 .filter_map(|cmd| Some((cmd.to_string(), iptables_rules(cmd)?)))
                 .collect(),
             links: read_dir_names(Path::new("/sys/class/net")),
+            loopback_addresses: loopback_addresses(),
             paths: WATCHED
                 .iter()
                 .flat_map(|root| walk(Path::new(root)))
@@ -108,6 +112,12 @@ impl HostState {
         }
         set_diff(&mut out, "cgroup", &before.cgroups, &self.cgroups);
         set_diff(&mut out, "network interface", &before.links, &self.links);
+        set_diff(
+            &mut out,
+            "loopback address",
+            &before.loopback_addresses,
+            &self.loopback_addresses,
+        );
         set_diff(&mut out, "path", &before.paths, &self.paths);
         for (cmd, rules) in &before.iptables {
             if self.iptables.get(cmd) != Some(rules) {
@@ -267,6 +277,12 @@ pub(crate) fn restore(saved: &Saved) -> HostState {
     if now.links.contains(BRIDGE) && !before.links.contains(BRIDGE) {
         run("ip", &["link", "delete", BRIDGE]);
     }
+    for address in now
+        .loopback_addresses
+        .difference(&before.loopback_addresses)
+    {
+        run("ip", &["addr", "del", address, "dev", "lo"]);
+    }
     for (key, dir) in kubepods_cgroups() {
         if !before.cgroups.contains(&key) {
             let _ = std::fs::remove_dir(&dir);
@@ -409,4 +425,20 @@ pub(crate) fn run(program: &str, args: &[&str]) -> bool {
             false
         }
     }
+}
+
+/// `10.96.0.1/32`-style addresses of `lo` (IPv4 and IPv6), from `ip -o addr show dev lo`.
+fn loopback_addresses() -> BTreeSet<String> {
+    let out = Command::new("ip")
+        .args(["-o", "addr", "show", "dev", "lo"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    out.lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            words.find(|w| *w == "inet" || *w == "inet6")?;
+            words.next().map(str::to_string)
+        })
+        .collect()
 }

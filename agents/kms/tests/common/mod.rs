@@ -123,8 +123,10 @@ impl Agent {
         let mut all = vec![
             format!("--socket={}", socket.display()),
             format!("--http-addr={http}"),
-            "--probe-interval=1s".into(),
         ];
+        if !args.iter().any(|a| a.starts_with("--probe-interval")) {
+            all.push("--probe-interval=1s".into());
+        }
         if !args.iter().any(|a| a.starts_with("--log-level")) {
             all.push("--log-level=info,kubebao_kms=debug,kubebao_openbao=debug".into());
         }
@@ -172,6 +174,15 @@ impl Agent {
     /// A gRPC client over the socket.
     pub async fn client(&self) -> KeyManagementServiceClient<Channel> {
         grpc_client(&self.socket).await
+    }
+
+    /// GET `path` on the plugin's HTTP endpoint: status code and body.
+    pub async fn http_get(&self, path: &str) -> (u16, String) {
+        let resp = reqwest::get(format!("http://{}{path}", self.http))
+            .await
+            .expect("HTTP endpoint");
+        let status = resp.status().as_u16();
+        (status, resp.text().await.expect("HTTP body"))
     }
 
     /// The /metrics text.

@@ -55,6 +55,7 @@ fn unchanged_target() -> Target {
 fn found(owner: Option<&str>, hash: &str) -> Target {
     Target::Found {
         owner: owner.map(str::to_string),
+        owned_by: vec![],
         merge_from: vec![],
         type_: Some("Opaque".into()),
         hash: hash.into(),
@@ -66,6 +67,7 @@ fn found(owner: Option<&str>, hash: &str) -> Target {
 fn foreign(merge_from: &[&str], type_: &str) -> Target {
     Target::Found {
         owner: None,
+        owned_by: vec![],
         merge_from: merge_from.iter().map(|s| s.to_string()).collect(),
         type_: Some(type_.into()),
         hash: "x".into(),
@@ -225,6 +227,74 @@ fn a_secret_not_owned_by_this_baosecret_is_refused_unless_merge() {
     assert_eq!(reason(result), (false, "TargetNotFound".into()));
     // Unchanged since we wrote it: not read, so not refused.
     assert!(plan(&merge, None, &unchanged_target(), &spec, now).is_ok());
+}
+
+/// A Secret of this BaoSecret whose label someone removed (a user, a GitOps tool).
+fn unlabelled(owned_by: &str, hash: &str) -> Target {
+    Target::Found {
+        owner: None,
+        owned_by: vec![owned_by.into()],
+        merge_from: vec![],
+        type_: Some("Opaque".into()),
+        hash: hash.into(),
+        rv: Some("11".into()),
+    }
+}
+
+#[test]
+fn a_secret_without_its_label_is_still_ours_by_its_owner_reference_and_relabelled() {
+    let t0 = Instant::now();
+    let bs = baosecret("Owner", 1);
+    // Same data as last written, but no label: written again, which restores the label.
+    let (decision, relabel) = decide(&bs, Some(&check(t0)), &unlabelled("uid-1", "h1"), t0);
+    assert_eq!(decision, Decision::ReadData);
+    assert!(relabel.write_plan("h1").write);
+    // Labelled and intact: nothing to do.
+    let (decision, _) = decide(&bs, Some(&check(t0)), &found(Some("app"), "h1"), t0);
+    assert!(matches!(decision, Decision::UpToDate(_)), "{decision:?}");
+    // An ownerReference to another object (another BaoSecret's uid): refused as before.
+    let spec = sync_spec(&bs.spec, "team").unwrap();
+    for policy in ["Owner", "Orphan"] {
+        let bs = baosecret(policy, 1);
+        let result = plan(&bs, None, &unlabelled("uid-2", "h1"), &spec, t0);
+        assert_eq!(reason(result), (true, "TargetExists".into()), "{policy}");
+    }
+    // The owner reference is read from the Secret: BaoSecrets' only.
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "app-secret", "ownerReferences": [
+            {"apiVersion": "kubebao.io/v1alpha1", "kind": "BaoSecret", "name": "app", "uid": "uid-1"},
+            {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web", "uid": "uid-9"}
+        ]}
+    }))
+    .unwrap();
+    let Target::Found {
+        owner, owned_by, ..
+    } = Target::read(Some(&secret), b"k")
+    else {
+        panic!("found")
+    };
+    assert_eq!((owner, owned_by), (None, vec!["uid-1".to_string()]));
+}
+
+#[test]
+fn data_larger_than_a_secret_holds_is_refused_for_good_naming_its_size() {
+    let fits: BTreeMap<String, Vec<u8>> =
+        [("k".to_string(), vec![b'x'; MAX_SECRET_BYTES - 1])].into();
+    assert_eq!(check_size("app-secret", &fits), Ok(()));
+    let big: BTreeMap<String, Vec<u8>> = [("k".to_string(), vec![b'x'; MAX_SECRET_BYTES])].into();
+    let failure = check_size("app-secret", &big).unwrap_err();
+    assert!(failure.permanent);
+    assert!(matches!(failure.outcome, Outcome::Stalled { .. }));
+    assert_eq!(failure.outcome.reason(), "SecretTooLarge");
+    let message = failure.outcome.message();
+    assert!(
+        message.starts_with("the data for Secret app-secret is 1048577 bytes")
+            && message.contains("at most 1048576 bytes"),
+        "{message}"
+    );
+    // Anything else that fails is retried with backoff.
+    let retried = Failure::from(failed(true, "PermissionDenied", "no"));
+    assert!(!retried.permanent);
 }
 
 #[test]
@@ -431,6 +501,7 @@ fn a_read_secret_is_hashed_over_the_keys_it_says_we_manage() {
         Target::read(Some(&secret), b"k"),
         Target::Found {
             owner: Some("app".into()),
+            owned_by: vec![],
             merge_from: vec![],
             type_: None,
             hash: data_hash(b"k", &managed),

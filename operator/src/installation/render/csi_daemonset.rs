@@ -45,8 +45,12 @@ pub fn service_account(spec: &KubeBaoInstallationSpec, ctx: &Context) -> Service
 
 /// What the provider may do: request tokens for pods' ServiceAccounts (TokenRequest).
 pub fn cluster_role(spec: &KubeBaoInstallationSpec, ctx: &Context) -> ClusterRole {
+    // Only TokenReview: a Mount's own ServiceAccount token (which the CSIDriver's
+    // tokenRequests hand over) must prove the pod's identity before a cached OpenBao token
+    // serves it. No `serviceaccounts/token`: minting tokens for any ServiceAccount in the
+    // cluster is a power the provider does not need when the driver passes the pod's token.
     let mut role: ClusterRole = serde_json::from_value(json!({
-        "rules": [{"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]}]
+        "rules": [{"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}]
     }))
     .expect("valid ClusterRole");
     role.metadata = meta(spec, ctx, NAME, false);
@@ -106,6 +110,9 @@ pub fn args(spec: &KubeBaoInstallationSpec, ctx: &Context) -> Vec<String> {
     if let Some(ns) = &spec.openbao.namespace {
         args.push(format!("--openbao-namespace={ns}"));
     }
+    if spec.openbao.allow_plain_http {
+        args.push("--openbao-allow-plain-http".into());
+    }
     args
 }
 
@@ -136,7 +143,7 @@ fn daemonset_with(spec: &KubeBaoInstallationSpec, ctx: &Context, hash: &str) -> 
                         "args": args(spec, ctx),
                         "ports": [{"name": "metrics", "containerPort": csi.health_port}],
                         "livenessProbe": probe("/healthz"),
-                        "readinessProbe": probe("/healthz"),
+                        "readinessProbe": probe("/readyz"),
                         "resources": csi.resources,
                         // Root only to create the socket in the driver's root-owned directory.
                         "securityContext": {
@@ -188,6 +195,18 @@ mod tests {
     use crate::installation::render::snapshot::{assert_snapshot, example};
 
     #[test]
+    fn plain_http_reaches_the_provider_only_when_the_installation_allows_it() {
+        let (mut spec, ctx) = example();
+        let flag = "--openbao-allow-plain-http".to_string();
+        assert!(!args(&spec, &ctx).contains(&flag));
+        spec.openbao.allow_plain_http = true;
+        assert!(args(&spec, &ctx).contains(&flag));
+        let ds = daemonset_with(&spec, &ctx, "h");
+        let container = &ds.spec.unwrap().template.spec.unwrap().containers[0];
+        assert!(container.args.as_ref().unwrap().contains(&flag));
+    }
+
+    #[test]
     fn csi_objects_match_the_snapshot() {
         let (spec, ctx) = example();
         let all = [
@@ -202,14 +221,15 @@ mod tests {
     }
 
     #[test]
-    fn the_provider_may_only_create_tokens() {
+    fn the_provider_may_only_review_tokens_and_mints_none() {
         let (spec, ctx) = example();
         let rules = cluster_role(&spec, &ctx).rules.unwrap();
         assert_eq!(rules.len(), 1);
         assert_eq!(
-            rules[0].resources.as_ref().unwrap(),
-            &["serviceaccounts/token"]
+            rules[0].api_groups.as_deref(),
+            Some(&["authentication.k8s.io".to_string()][..])
         );
+        assert_eq!(rules[0].resources.as_ref().unwrap(), &["tokenreviews"]);
         assert_eq!(rules[0].verbs, ["create"]);
     }
 

@@ -16,10 +16,14 @@ pub const POD_NAME: &str = "kubebao-kms";
 
 /// The command line the plugin runs with (also used by tests to start it locally).
 pub fn command(spec: &KubeBaoInstallationSpec) -> Vec<String> {
-    vec![
+    let mut cmd = vec![
         "/usr/local/bin/kubebao-kms".into(),
         format!("--config={}", kms_config::config_path(spec)),
-    ]
+    ];
+    if spec.openbao.allow_plain_http {
+        cmd.push("--openbao-allow-plain-http".into());
+    }
+    cmd
 }
 
 /// The directory holding the socket.
@@ -128,6 +132,26 @@ mod tests {
         let (spec, ctx) = example();
         let hash = config_hash(&spec, &ctx);
         assert_snapshot("kubebao-kms.yaml", &render(&spec, &ctx, &hash));
+    }
+
+    #[test]
+    fn plain_http_reaches_the_plugin_only_when_the_installation_allows_it() {
+        let (mut spec, ctx) = example();
+        let args = |spec: &KubeBaoInstallationSpec| {
+            pod(spec, &ctx, "h").spec.unwrap().containers[0]
+                .args
+                .clone()
+                .unwrap()
+        };
+        assert!(!args(&spec).contains(&"--openbao-allow-plain-http".to_string()));
+        spec.openbao.allow_plain_http = true;
+        assert_eq!(
+            args(&spec),
+            [
+                "--config=/etc/kubebao/kms.yaml",
+                "--openbao-allow-plain-http"
+            ]
+        );
     }
 
     #[test]
