@@ -175,6 +175,11 @@ pub fn pod_volume_dir(node: &Node, pod_uid: &str, plugin: &str, volume: &str) ->
         .join(volume)
 }
 
+/// The Secrets Store CSI driver's own Helm chart (from its Go module, copied by `make testbed`).
+pub fn upstream_csi_driver_chart() -> PathBuf {
+    crate::paths::installed("KUBEBAO_CSI_DRIVER_CHART", "the CSI driver's Helm chart")
+}
+
 /// The CSIDriver object `secrets-store.csi.k8s.io` as KubeBao's chart writes it (pod tokens
 /// for the `openbao` audience, republish for rotation), rendered by the real helm.
 pub fn chart_csi_driver_object(bed: &Testbed) -> String {

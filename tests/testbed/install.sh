@@ -244,7 +244,10 @@ CSI_DRIVER_SRC="$TESTBED_SRC/csi-driver"
 CSI_DRIVER_DIR="$CACHE/secrets-store-csi-driver-$CSI_DRIVER_VERSION-$(cat "$CSI_DRIVER_SRC"/{go.mod,go.sum,mlog/go.mod,mlog/mlog.go,registrar/main.go} | sha256sum | cut -c1-12)"
 install_csi_driver() {
   local src="$CSI_DRIVER_SRC" dir="$CSI_DRIVER_DIR"
-  if [ -x "$dir/secrets-store-csi-driver" ] && [ -x "$dir/registrar" ]; then log "Secrets Store CSI driver $CSI_DRIVER_VERSION: cached"; return; fi
+  if [ -x "$dir/secrets-store-csi-driver" ] && [ -x "$dir/registrar" ]; then
+    [ -d "$dir/chart" ] || copy_csi_driver_chart "$dir"
+    log "Secrets Store CSI driver $CSI_DRIVER_VERSION: cached"; return
+  fi
   grep -q "sigs.k8s.io/secrets-store-csi-driver $CSI_DRIVER_VERSION" "$src/go.mod" \
     || die "tests/testbed/csi-driver/go.mod does not require the driver at $CSI_DRIVER_VERSION"
   log "Secrets Store CSI driver $CSI_DRIVER_VERSION: building the driver and its registrar (about 4 minutes cold on 2 cores)"
@@ -259,7 +262,16 @@ install_csi_driver() {
   moddir=$(cd "$src" && go list -m -f '{{.Dir}}' "$pkg") || die "could not find the driver's module directory"
   cp "$moddir"/deploy/{csidriver.yaml,secrets-store.csi.x-k8s.io_secretproviderclasses.yaml,secrets-store.csi.x-k8s.io_secretproviderclasspodstatuses.yaml} "$dir.tmp/deploy/"
   chmod u+w "$dir.tmp"/deploy/*
+  copy_csi_driver_chart "$dir.tmp"
   rm -rf "$dir" && mv "$dir.tmp" "$dir"
+}
+
+# The driver's own Helm chart, to check that KubeBao's chart installs next to it.
+copy_csi_driver_chart() {
+  local moddir
+  moddir=$(cd "$CSI_DRIVER_SRC" && go list -m -f '{{.Dir}}' sigs.k8s.io/secrets-store-csi-driver) \
+    || die "could not find the driver's module directory"
+  rm -rf "$1/chart" && cp -r "$moddir/charts/secrets-store-csi-driver" "$1/chart" && chmod -R u+w "$1/chart"
 }
 
 mkdir -p "$CACHE/build"
@@ -295,5 +307,6 @@ KUBEBAO_PAUSE_IMAGE_REF=$PAUSE_IMAGE_REF
 KUBEBAO_CSI_DRIVER=$CSI_DRIVER_DIR/secrets-store-csi-driver
 KUBEBAO_CSI_REGISTRAR=$CSI_DRIVER_DIR/registrar
 KUBEBAO_CSI_DRIVER_DEPLOY=$CSI_DRIVER_DIR/deploy
+KUBEBAO_CSI_DRIVER_CHART=$CSI_DRIVER_DIR/chart
 ENV
 log "test bed ready: $CACHE/testbed.env"

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use kubebao_testbed::node_image::upstream_csi_driver_chart;
 use kubebao_testbed::{Binaries, Testbed};
 
 fn repo() -> PathBuf {
@@ -230,5 +231,117 @@ fn values_schema_refuses_a_misspelt_key_at_every_level() {
             "the error for {} names the key: {stderr}",
             key.join(".")
         );
+    }
+}
+
+/// `helm` against the test bed's API server; Err with its stderr when it fails.
+fn helm_on(bed: &Testbed, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(&bed.binaries().helm)
+        .current_dir(repo())
+        .env("KUBECONFIG", bed.kubeconfig())
+        .args(args)
+        .output()
+        .expect("run helm");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[tokio::test]
+async fn kubebao_chart_installs_next_to_the_upstream_driver_chart() {
+    let bed = Testbed::shared().await;
+    let upstream = upstream_csi_driver_chart();
+    let upstream = upstream.to_str().expect("path");
+    // The driver's own chart owns the CSIDriver; KubeBao's audience goes into its tokenRequests,
+    // next to another provider's.
+    helm_on(
+        bed,
+        &[
+            "install",
+            "csi-secrets-store",
+            upstream,
+            "--namespace",
+            "kube-system",
+            // Its CRD-upgrade hook is a Job, which needs a node to run; its crds/ suffice.
+            "--set",
+            "linux.crds.enabled=false",
+            // Rotation (requiresRepublish), as KubeBao's docs say to set it.
+            "--set",
+            "enableSecretRotation=true",
+            "--set",
+            "tokenRequests[0].audience=openbao",
+            "--set",
+            "tokenRequests[1].audience=api://other-provider",
+        ],
+    )
+    .unwrap_or_else(|e| panic!("the upstream chart: {e}"));
+    // KubeBao's chart next to it, leaving the CSIDriver to the driver's chart. (The CRDs come
+    // from `crds/` here: other tests of this file apply them with kubectl.)
+    helm_on(
+        bed,
+        &[
+            "install",
+            "kubebao",
+            "charts/kubebao",
+            "--namespace",
+            "kubebao-coexist",
+            "--create-namespace",
+            "--set",
+            "csi.driver.install=false,crds.enabled=false",
+        ],
+    )
+    .unwrap_or_else(|e| panic!("KubeBao's chart next to the driver's: {e}"));
+    // As JSON: k8s-openapi's CSIDriver type predates `serviceAccountTokenInSecrets`.
+    let driver: serde_json::Value = serde_json::from_str(&bed.kubectl(&[
+        "get",
+        "csidriver",
+        "secrets-store.csi.k8s.io",
+        "-o",
+        "json",
+    ]))
+    .expect("the CSIDriver as JSON");
+    assert_eq!(
+        driver["metadata"]["annotations"]["meta.helm.sh/release-name"], "csi-secrets-store",
+        "one owner: the driver's chart"
+    );
+    let spec = &driver["spec"];
+    assert_eq!(
+        spec["tokenRequests"],
+        serde_json::json!([{"audience": "openbao"}, {"audience": "api://other-provider"}]),
+        "every provider's audience"
+    );
+    assert_eq!(spec["requiresRepublish"], true);
+    assert_eq!(
+        spec["serviceAccountTokenInSecrets"], true,
+        "Kubernetes 1.35: tokens in NodePublishVolume's secrets"
+    );
+    // KubeBao's own CSIDriver next to the driver's chart is refused by helm (one owner per
+    // object): the reason values.yaml says to set csi.driver.install=false then.
+    let refused = helm_on(
+        bed,
+        &[
+            "install",
+            "kubebao-second",
+            "charts/kubebao",
+            "--namespace",
+            "kubebao-coexist-2",
+            "--create-namespace",
+            "--set",
+            "operator.enabled=false,crds.enabled=false,rbac.create=false,serviceAccount.create=false,metrics.service.enabled=false",
+        ],
+    )
+    .expect_err("a second owner of the CSIDriver");
+    assert!(
+        refused.contains("CSIDriver") && refused.contains("secrets-store.csi.k8s.io"),
+        "{refused}"
+    );
+    for (release, ns) in [
+        ("kubebao", "kubebao-coexist"),
+        ("csi-secrets-store", "kube-system"),
+    ] {
+        helm_on(bed, &["uninstall", release, "--namespace", ns])
+            .unwrap_or_else(|e| panic!("uninstall {release}: {e}"));
     }
 }
