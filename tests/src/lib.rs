@@ -20,6 +20,7 @@ mod kube_cluster;
 mod node;
 pub mod node_image;
 mod openbao;
+mod openbao_ha;
 mod paths;
 mod pki;
 mod process;
@@ -31,6 +32,7 @@ pub use node::{
     SERVICE_IP, install_secrets_store_crds,
 };
 pub use openbao::{Audit, AuditedRequest, OpenBaoServer};
+pub use openbao_ha::OpenBaoCluster;
 pub use paths::Binaries;
 pub use pki::Pki;
 pub use process::Component;

@@ -1,13 +1,14 @@
 //! `helm install` of the chart, run by Kubernetes itself on a real node: the operator
 //! Deployment's two pods (KubeBao's own image) start, pass their probes, log in to OpenBao as
 //! their ServiceAccount (a projected token for OpenBao's audience), elect one leader that
-//! reconciles; deleting the leader's pod hands over to the other. Needs root (the kubelet does).
+//! reconciles; deleting the leader's pod hands over to the other; with `rbac.tokenNamespaces`
+//! BaoSecrets are served only in the namespaces that opted in. Needs root (the kubelet does).
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams};
 use kubebao_testbed::node_image::{KUBEBAO_IMAGE, kubebao_image_on};
 use kubebao_testbed::{Node, Testbed, wait_for};
@@ -18,6 +19,9 @@ const WAIT: Duration = Duration::from_secs(180);
 const NS: &str = "kubebao-system";
 /// The release name; the chart names the ServiceAccount after it.
 const RELEASE: &str = "kubebao";
+/// A tenant namespace listed in rbac.tokenNamespaces, and one that is not.
+const ENABLED_NS: &str = "helm-team";
+const OTHER_NS: &str = "helm-other";
 /// What the operator's own identity may do in OpenBao: policies and Kubernetes-auth roles.
 const OPERATOR_POLICY: &str = r#"
 path "sys/policies/acl/*" { capabilities = ["create", "read", "update", "delete", "list"] }
@@ -28,6 +32,7 @@ path "auth/kubernetes/role/*" { capabilities = ["create", "read", "update", "del
 async fn prepare_openbao(bed: &Testbed) {
     bed.enable_kubernetes_auth().await;
     let bao = bed.openbao();
+    bao.enable_engine("secret", "kv", Some(2)).await;
     bao.root(
         Method::POST,
         "sys/policies/acl/kubebao-operator",
@@ -168,6 +173,74 @@ async fn reconciled(bed: &Testbed, name: &str) {
     );
 }
 
+/// Namespace `ns` as a tenant: OpenBao role `ns` for its `default` ServiceAccount (the
+/// BaoSecret defaults), reading `secret/data/<ns>/*`, and a secret there.
+async fn tenant(bed: &Testbed, ns: &str) {
+    bed.kubectl(&["create", "namespace", ns]);
+    let bao = bed.openbao();
+    let policy = format!("path \"secret/data/{ns}/*\" {{ capabilities = [\"read\"] }}\n");
+    bao.root(
+        Method::POST,
+        &format!("sys/policies/acl/tenant-{ns}"),
+        Some(json!({"policy": policy})),
+    )
+    .await;
+    bao.root(
+        Method::POST,
+        &format!("auth/kubernetes/role/{ns}"),
+        Some(json!({
+            "bound_service_account_names": ["default"],
+            "bound_service_account_namespaces": [ns],
+            "audience": "openbao",
+            "token_policies": [format!("tenant-{ns}")],
+            "token_ttl": "1h",
+        })),
+    )
+    .await;
+    bao.root(
+        Method::POST,
+        &format!("secret/data/{ns}/app"),
+        Some(json!({"data": {"password": "pw"}})),
+    )
+    .await;
+}
+
+/// A BaoSecret in `ns` for its tenant secret; waits until `condition` is True with `reason`.
+async fn baosecret(bed: &Testbed, ns: &str, condition: &str, reason: &str) -> String {
+    bed.apply(
+        &json!({
+            "apiVersion": "kubebao.io/v1alpha1",
+            "kind": "BaoSecret",
+            "metadata": {"name": "app", "namespace": ns},
+            "spec": {"secretPath": format!("secret/data/{ns}/app"), "target": {"name": "app"}},
+        })
+        .to_string(),
+    );
+    let gvk = GroupVersionKind::gvk("kubebao.io", "v1alpha1", "BaoSecret");
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(bed.client().await, ns, &ApiResource::from_gvk(&gvk));
+    wait_for(
+        &format!("BaoSecret {ns}/app {condition} {reason}"),
+        WAIT,
+        || {
+            let api = api.clone();
+            async move {
+                let o = api.get("app").await.map_err(|e| e.to_string())?;
+                o.data["status"]["conditions"]
+                    .as_array()
+                    .and_then(|cs| {
+                        cs.iter().find(|c| {
+                            c["type"] == condition && c["status"] == "True" && c["reason"] == reason
+                        })
+                    })
+                    .map(|c| c["message"].as_str().unwrap_or_default().to_string())
+                    .ok_or_else(|| o.data["status"].to_string())
+            }
+        },
+    )
+    .await
+}
+
 /// On a failing test, the cluster's view.
 struct PrintCluster<'a>(&'a Testbed);
 
@@ -217,6 +290,9 @@ async fn helm_install_runs_the_operator_pods_which_elect_a_leader_and_hand_over(
     std::fs::write(&ca, bao.ca_pem()).expect("write the CA");
     let (repository, tag) = KUBEBAO_IMAGE.rsplit_once(':').expect("image:tag");
 
+    // Token requests only where a namespace opts in (rbac.tokenNamespaces).
+    tenant(bed, ENABLED_NS).await;
+    tenant(bed, OTHER_NS).await;
     let started = Instant::now();
     helm(
         bed,
@@ -233,6 +309,8 @@ async fn helm_install_runs_the_operator_pods_which_elect_a_leader_and_hand_over(
             &format!("global.openbao.address=https://{bao_for_pods}"),
             "--set-file",
             &format!("global.openbao.caBundle={}", ca.display()),
+            "--set",
+            &format!("rbac.tokenNamespaces={{{ENABLED_NS}}}"),
             "--wait",
             "--timeout=4m",
         ],
@@ -261,6 +339,17 @@ async fn helm_install_runs_the_operator_pods_which_elect_a_leader_and_hand_over(
         "FIGURE node: leader pod deleted → the standby leads and reconciled in {:.1?}",
         handover.elapsed()
     );
+    // BaoSecrets: served where the namespace opted in, refused with a clear reason elsewhere
+    // (the operator has no right to act as that namespace's ServiceAccounts).
+    baosecret(bed, ENABLED_NS, "Ready", "Synced").await;
+    let refused = baosecret(bed, OTHER_NS, "Stalled", "NamespaceNotEnabled").await;
+    assert!(refused.contains("rbac.tokenNamespaces"), "{refused}");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), OTHER_NS);
+    assert!(
+        secrets.get_opt("app").await.expect("read").is_none(),
+        "nothing written"
+    );
+
     // The Deployment replaces the deleted pod; one of the two waits as the standby.
     ready_operator_pods(&pods, 2).await;
 

@@ -128,6 +128,19 @@ fn tenant_outcome(e: TenantError) -> Outcome {
             source: kube::Error::Api(s),
             ..
         } if s.code == 404 => failed(true, "ServiceAccountNotFound", e.to_string()),
+        TenantError::TokenRequest {
+            source: kube::Error::Api(s),
+            namespace,
+            ..
+        } if s.code == 403 => failed(
+            true,
+            "NamespaceNotEnabled",
+            format!(
+                "the operator may not create ServiceAccount tokens in namespace {namespace:?}: \
+                 a cluster admin adds it to the chart's rbac.tokenNamespaces (empty: every \
+                 namespace)"
+            ),
+        ),
         TenantError::TokenRequest { .. } => failed(false, "TokenRequestFailed", e.to_string()),
         TenantError::Login { source, .. } if source.is_unavailable() => {
             failed(false, "OpenBaoUnavailable", e.to_string())
