@@ -168,6 +168,7 @@ impl OpenBaoCluster {
         for i in 1..size {
             cluster.join(i).await;
         }
+        cluster.wait_for_voters().await;
         cluster.start_forwarder().await;
         cluster
     }
@@ -220,6 +221,45 @@ impl OpenBaoCluster {
         self.unseal(i).await;
         self.wait_until(i, "a standby", |h| !h.sealed && h.standby)
             .await;
+    }
+
+    /// Waits until every node votes in raft: autopilot adds joined nodes as non-voters and
+    /// promotes them once they have been healthy for `server_stabilization_time` (10 s); before
+    /// that, losing the leader leaves no quorum and no election.
+    async fn wait_for_voters(&self) {
+        let client = client_for(&self.nodes[0].addr);
+        let size = self.nodes.len();
+        wait_for(
+            "every OpenBao node to be a raft voter",
+            Duration::from_secs(90),
+            || {
+                let client = client.clone();
+                async move {
+                    let config = client
+                        .request(
+                            Method::GET,
+                            "sys/storage/raft/configuration",
+                            Some(&self.root_token),
+                            None,
+                        )
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .unwrap_or(Value::Null);
+                    let servers = config
+                        .pointer("/data/config/servers")
+                        .and_then(Value::as_array)
+                        .cloned()
+                        .unwrap_or_default();
+                    let voters = servers.iter().filter(|s| s["voter"] == json!(true)).count();
+                    if voters == size {
+                        Ok(())
+                    } else {
+                        Err(format!("{voters} of {size} voters: {servers:?}"))
+                    }
+                }
+            },
+        )
+        .await;
     }
 
     /// Sends the unseal key to node `i` (it may need more time to finish unsealing: see
@@ -346,6 +386,11 @@ impl OpenBaoCluster {
     /// Node `i`'s own plain-HTTP address.
     pub fn node_addr(&self, i: usize) -> &str {
         &self.nodes[i].addr
+    }
+
+    /// A client for node `i` alone (its health, its own view of the cluster).
+    pub fn node_client(&self, i: usize) -> OpenBao {
+        client_for(&self.nodes[i].addr)
     }
 
     /// The root token.

@@ -1,17 +1,23 @@
 //! Faults under load: the real KMS plugin serves Encrypt+Decrypt continuously while OpenBao
-//! breaks, and recovers by itself. Each test prints `FIGURE fault:` lines (failed requests,
+//! breaks (a 3-node raft cluster losing its active node; one node sealed, then restarted), and
+//! kube-apiserver writes Secrets through it while it restarts; everything recovers by itself. Each test prints `FIGURE fault:` lines (failed requests,
 //! recovery time, objects lost) and asserts that nothing encrypted before the fault is lost.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ObjectMeta, PostParams};
 use kubebao_openbao::{OpenBao, SecretString};
 use kubebao_proto::kms::key_management_service_client::KeyManagementServiceClient;
 use kubebao_proto::kms::{DecryptRequest, EncryptRequest, EncryptResponse};
 use kubebao_testbed::node_image::kubebao_binaries;
 use kubebao_testbed::{
-    Binaries, Component, OpenBaoCluster, OpenBaoServer, Pki, free_port, wait_for,
+    Binaries, Component, OpenBaoCluster, OpenBaoServer, Pki, Testbed, TestbedOptions, free_port,
+    wait_for,
 };
 use reqwest::Method;
 use serde_json::json;
@@ -125,37 +131,47 @@ async fn grpc_client(socket: &Path) -> KeyManagementServiceClient<Channel> {
     KeyManagementServiceClient::new(channel)
 }
 
-/// One Encrypt+Decrypt round trip as the load made it.
+/// One request (or round trip) as the load made it.
 struct Outcome {
     started: Instant,
     finished: Instant,
     error: Option<String>,
 }
 
-/// What the load saw: every round trip, and every ciphertext made (with its plaintext).
-#[derive(Default)]
-struct Record {
+/// What the load saw: every request, and what each successful one made (an object to check
+/// afterwards), with when it started.
+struct Record<T> {
     outcomes: Vec<Outcome>,
-    stored: Vec<(Instant, Vec<u8>, EncryptResponse)>,
+    made: Vec<(Instant, T)>,
 }
 
+impl<T> Default for Record<T> {
+    fn default() -> Self {
+        Self {
+            outcomes: Vec::new(),
+            made: Vec::new(),
+        }
+    }
+}
+
+/// A KMS Encrypt then Decrypt of `plaintext`; the ciphertext with its plaintext.
 async fn round_trip(
-    client: &mut KeyManagementServiceClient<Channel>,
-    plaintext: &[u8],
-) -> Result<EncryptResponse, String> {
+    mut client: KeyManagementServiceClient<Channel>,
+    plaintext: Vec<u8>,
+) -> Result<(Vec<u8>, EncryptResponse), String> {
     let sealed = client
         .encrypt(EncryptRequest {
-            plaintext: plaintext.to_vec(),
+            plaintext: plaintext.clone(),
             uid: "fault-load".into(),
         })
         .await
         .map_err(|e| format!("Encrypt: {e}"))?
         .into_inner();
-    let opened = decrypt(client, &sealed).await?;
+    let opened = decrypt(&mut client, &sealed).await?;
     if opened != plaintext {
         return Err("Decrypt returned other bytes than were encrypted".into());
     }
-    Ok(sealed)
+    Ok((plaintext, sealed))
 }
 
 async fn decrypt(
@@ -175,32 +191,33 @@ async fn decrypt(
         .plaintext)
 }
 
-/// Encrypt+Decrypt round trips, one after the other, until dropped.
-struct Load {
-    record: Arc<Mutex<Record>>,
+/// Requests made one after the other (`op(i)` for i = 0, 1, …) until stopped.
+struct Load<T> {
+    record: Arc<Mutex<Record<T>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl Load {
-    async fn start(socket: &Path) -> Load {
-        let mut client = grpc_client(socket).await;
+impl<T: Send + 'static> Load<T> {
+    fn start<F, Fut>(mut op: F) -> Self
+    where
+        F: FnMut(u64) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, String>> + Send,
+    {
         let record = Arc::new(Mutex::new(Record::default()));
         let shared = record.clone();
         let task = tokio::spawn(async move {
             for i in 0u64.. {
-                let plaintext = format!("secret number {i}").into_bytes();
                 let started = Instant::now();
-                let result =
-                    tokio::time::timeout(REQUEST_TIMEOUT, round_trip(&mut client, &plaintext))
-                        .await
-                        .unwrap_or_else(|_| Err(format!("no answer in {REQUEST_TIMEOUT:?}")));
+                let result = tokio::time::timeout(REQUEST_TIMEOUT, op(i))
+                    .await
+                    .unwrap_or_else(|_| Err(format!("no answer in {REQUEST_TIMEOUT:?}")));
                 let finished = Instant::now();
                 let failed = result.is_err();
                 {
                     let mut record = shared.lock().expect("record lock");
                     let error = match result {
-                        Ok(sealed) => {
-                            record.stored.push((started, plaintext, sealed));
+                        Ok(made) => {
+                            record.made.push((started, made));
                             None
                         }
                         Err(e) => Some(e),
@@ -220,26 +237,26 @@ impl Load {
         Load { record, task }
     }
 
-    /// Runs the load for `STEADY`, applies `fault`, waits for the first round trip started
-    /// after it to succeed, runs `STEADY` more, stops, and checks every ciphertext made still
-    /// decrypts. Prints the FIGURE lines and returns the recovery time.
-    async fn through<F: Future<Output = ()>>(
+    /// Runs the load for `STEADY`, applies `fault` (it returns once the fault is over: at
+    /// once for a crash, after the repair otherwise), waits for the first request started
+    /// after the fault began to succeed once it was over, runs `STEADY` more, stops, and checks
+    /// with `intact` that every object made (before the fault and after) is still there.
+    /// Prints the FIGURE lines and asserts nothing was lost and recovery stayed in bound.
+    async fn through(
         self,
-        socket: &Path,
         name: &str,
-        fault: F,
-    ) -> Duration {
+        fault: impl Future<Output = ()>,
+        mut intact: impl AsyncFnMut(&T) -> bool,
+    ) {
         tokio::time::sleep(STEADY).await;
-        let before = self.record.lock().expect("record lock").stored.len();
-        assert!(before > 0, "the load made no ciphertext before the fault");
+        let before = self.record.lock().expect("record lock").made.len();
+        assert!(before > 0, "the load made nothing before the fault");
         let fault_at = Instant::now();
         fault.await;
         let repaired_at = Instant::now();
         let record = self.record.clone();
-        // The first round trip that started after the fault began and succeeded once it was
-        // over (for a crash, "over" is the kill itself: nothing is repaired by hand).
         let first_success = wait_for(
-            &format!("the KMS plugin to serve again after {name}"),
+            &format!("requests to succeed again after {name}"),
             RECOVERY_BOUND * 2,
             || {
                 let found = record
@@ -270,16 +287,15 @@ impl Load {
             .copied()
             .filter(|o| o.error.is_some())
             .collect();
-        let mut client = grpc_client(socket).await;
         let mut lost = 0;
-        for (_, plaintext, sealed) in &record.stored {
-            if decrypt(&mut client, sealed).await.as_deref() != Ok(plaintext.as_slice()) {
+        for (_, made) in &record.made {
+            if !intact(made).await {
                 lost += 1;
             }
         }
-        let made_before = record.stored.iter().filter(|(t, ..)| *t < fault_at).count();
+        let made_before = record.made.iter().filter(|(t, _)| *t < fault_at).count();
         println!(
-            "FIGURE fault: {name}: {} round trips after the fault, {} failed (first error: {})",
+            "FIGURE fault: {name}: {} requests after the fault, {} failed (first error: {})",
             after_fault.len(),
             failed.len(),
             failed
@@ -291,18 +307,35 @@ impl Load {
             "FIGURE fault: {name}: recovery {recovery:.2?} (first success after the fault was over), outage {outage:.2?} (from the fault's start)"
         );
         println!(
-            "FIGURE fault: {name}: objects lost {lost} of {} ciphertexts ({made_before} made before the fault)",
-            record.stored.len()
+            "FIGURE fault: {name}: objects lost {lost} of {} ({made_before} made before the fault)",
+            record.made.len()
         );
-        let longest = failed.iter().map(|o| o.finished - o.started).max();
-        println!("FIGURE fault: {name}: longest failed round trip {longest:.2?}");
-        assert_eq!(lost, 0, "{lost} ciphertexts no longer decrypt after {name}");
+        let longest = failed
+            .iter()
+            .map(|o| o.finished - o.started)
+            .max()
+            .unwrap_or_default();
+        println!("FIGURE fault: {name}: longest failed request {longest:.2?}");
+        assert_eq!(lost, 0, "{lost} objects lost through {name}");
         assert!(
             recovery <= RECOVERY_BOUND,
-            "the plugin took {recovery:?} to serve again after {name} (bound {RECOVERY_BOUND:?})"
+            "requests took {recovery:?} to succeed again after {name} (bound {RECOVERY_BOUND:?})"
         );
-        recovery
     }
+}
+
+/// KMS round trips over the plugin's socket, each with its own plaintext.
+async fn kms_load(socket: &Path) -> Load<(Vec<u8>, EncryptResponse)> {
+    let client = grpc_client(socket).await;
+    Load::start(move |i| round_trip(client.clone(), format!("secret number {i}").into_bytes()))
+}
+
+/// Whether `sealed` still decrypts to `plaintext` through the plugin.
+async fn still_decrypts(
+    client: &mut KeyManagementServiceClient<Channel>,
+    (plaintext, sealed): &(Vec<u8>, EncryptResponse),
+) -> bool {
+    decrypt(client, sealed).await.as_deref() == Ok(plaintext.as_slice())
 }
 
 fn work_dir() -> tempfile::TempDir {
@@ -319,18 +352,30 @@ async fn kms_plugin_recovers_when_the_active_openbao_node_dies() {
     let cluster = OpenBaoCluster::start(&Binaries::locate(), dir.path(), 3).await;
     let token = transit_token(&cluster.client(), cluster.root_token(), dir.path()).await;
     let (_plugin, socket) = start_plugin(&bin_dir, dir.path(), cluster.addr(), &token).await;
-    let load = Load::start(&socket).await;
     let active = cluster.active_node().await;
-    load.through(&socket, "active OpenBao node SIGKILLed", async {
-        cluster.kill(active).await;
-    })
-    .await;
+    let mut check = grpc_client(&socket).await;
+    kms_load(&socket)
+        .await
+        .through(
+            "active OpenBao node SIGKILLed",
+            async { cluster.kill(active).await },
+            async |made| still_decrypts(&mut check, made).await,
+        )
+        .await;
     let now_active = cluster.active_node().await;
     assert_ne!(now_active, active, "a standby took over");
 
-    // The killed node comes back as a standby and the cluster keeps serving through it.
+    // The killed node comes back (unsealed again) as a standby; the plugin still serves.
     cluster.restart(active).await;
-    assert_eq!(cluster.active_node().await, now_active);
+    let health = cluster.node_client(active).health().await.expect("health");
+    assert!(
+        health.standby && !health.sealed,
+        "the restarted node is a standby: {health:?}"
+    );
+    let made = round_trip(grpc_client(&socket).await, b"after the restart".to_vec())
+        .await
+        .expect("the plugin serves after the killed node is back");
+    assert!(still_decrypts(&mut check, &made).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -342,17 +387,113 @@ async fn kms_plugin_recovers_when_openbao_is_sealed_and_when_it_restarts() {
     let token = transit_token(&bao.client(), bao.root_token(), dir.path()).await;
     let (_plugin, socket) = start_plugin(&bin_dir, dir.path(), bao.addr(), &token).await;
 
-    let load = Load::start(&socket).await;
-    load.through(&socket, "OpenBao sealed for 2 s, then unsealed", async {
-        bao.seal().await;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        bao.unseal().await;
-    })
-    .await;
+    let mut check = grpc_client(&socket).await;
+    kms_load(&socket)
+        .await
+        .through(
+            "OpenBao sealed for 2 s, then unsealed",
+            async {
+                bao.seal().await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                bao.unseal().await;
+            },
+            async |made| still_decrypts(&mut check, made).await,
+        )
+        .await;
+    kms_load(&socket)
+        .await
+        .through(
+            "OpenBao restarted",
+            async { bao.restart().await },
+            async |made| still_decrypts(&mut check, made).await,
+        )
+        .await;
+}
 
-    let load = Load::start(&socket).await;
-    load.through(&socket, "OpenBao restarted", async {
-        bao.restart().await;
+/// kube-apiserver's EncryptionConfiguration: Secrets through the plugin on `socket`.
+fn encryption_config(dir: &Path, socket: &Path) -> PathBuf {
+    let path = dir.join("encryption-config.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"apiVersion: apiserver.config.k8s.io/v1
+kind: EncryptionConfiguration
+resources:
+  - resources: [secrets]
+    providers:
+      - kms:
+          apiVersion: v2
+          name: kubebao
+          endpoint: unix://{}
+          timeout: 3s
+      - identity: {{}}
+"#,
+            socket.display()
+        ),
+    )
+    .expect("write the encryption config");
+    path
+}
+
+fn secret(name: &str, value: &str) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(
+            "value".to_string(),
+            ByteString(value.as_bytes().to_vec()),
+        )])),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_encrypted_through_the_plugin_survive_an_apiserver_restart_under_load() {
+    let bed = Testbed::start(TestbedOptions {
+        controller_manager: false,
+        openbao: true,
     })
     .await;
+    let bin_dir = kubebao_binaries(&bed.dir().join("bin"));
+    let bao = bed.openbao();
+    let token = transit_token(&bao.client(), bao.root_token(), bed.dir()).await;
+    let (_plugin, socket) = start_plugin(&bin_dir, bed.dir(), bao.addr(), &token).await;
+    let config = encryption_config(bed.dir(), &socket);
+    bed.restart_apiserver(Some(&config)).await;
+    let ns = bed.namespace("faults").await;
+    let api: Api<Secret> = Api::namespaced(bed.client().await, &ns);
+
+    let writer = api.clone();
+    let load = Load::start(move |i| {
+        let api = writer.clone();
+        async move {
+            let (name, value) = (format!("s-{i}"), format!("value number {i}"));
+            api.create(&PostParams::default(), &secret(&name, &value))
+                .await
+                .map_err(|e| format!("create Secret {name}: {e}"))?;
+            Ok((name, value))
+        }
+    });
+    load.through(
+        "kube-apiserver restarted",
+        bed.restart_apiserver(Some(&config)),
+        async |(name, value)| {
+            api.get(name).await.is_ok_and(|s| {
+                s.data.and_then(|d| d.get("value").cloned())
+                    == Some(ByteString(value.clone().into_bytes()))
+            })
+        },
+    )
+    .await;
+    let raw = bed
+        .etcd()
+        .get(&format!("/registry/secrets/{ns}/s-0"))
+        .await
+        .expect("Secret s-0 in etcd");
+    assert!(
+        raw.starts_with(b"k8s:enc:kms:v2:kubebao:"),
+        "Secrets are stored as KMS v2 envelopes"
+    );
 }

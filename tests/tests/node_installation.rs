@@ -171,7 +171,7 @@ impl Drop for PrintCluster<'_> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_kubebao_installation_runs_the_kms_plugin_as_a_static_pod_through_the_kubelet() {
     let bed = Testbed::shared().await;
-    let node = Node::start(bed).await;
+    let mut node = Node::start(bed).await;
     let before = node.host_before().clone();
     let _print = PrintCluster(bed);
     let images = tempfile::tempdir().expect("temp dir");
@@ -194,6 +194,7 @@ async fn a_kubebao_installation_runs_the_kms_plugin_as_a_static_pod_through_the_
         "node-role.kubernetes.io/control-plane=",
     ]);
     let mut operator = start_operator(bed, &images.path().join("bin/kubebao-operator"));
+    // (killed and restarted below)
 
     // The host paths the installation writes (the manifest dir is the kubelet's own).
     let host = tempfile::Builder::new()
@@ -204,6 +205,14 @@ async fn a_kubebao_installation_runs_the_kms_plugin_as_a_static_pod_through_the_
     let socket = host.path().join("run/kms.sock");
     let manifest = node.static_pod_dir().join("kubebao-kms.yaml");
     let bao = bed.openbao();
+    // One address for the KMS static pod (host network) and the CSI provider's pod (pod network).
+    let bao_for_pods = node.expose_to_pods(
+        8200,
+        bao.tls_addr()
+            .trim_start_matches("https://")
+            .parse()
+            .expect("OpenBao's address"),
+    );
     let health_port = free_port();
     let started = Instant::now();
     let cr = json!({
@@ -213,13 +222,13 @@ async fn a_kubebao_installation_runs_the_kms_plugin_as_a_static_pod_through_the_
         "spec": {
             "namespace": NS,
             "openbao": {
-                "address": bao.tls_addr(),
+                "address": format!("https://{bao_for_pods}"),
                 "caBundle": String::from_utf8(bao.ca_pem().to_vec()).expect("PEM"),
             },
             "kms": {
                 "image": image, "imagePullPolicy": "Never",
                 "manifestDir": node.static_pod_dir(), "configDir": config, "socketPath": socket,
-                "healthPort": health_port, "rewriteAfterRotation": true,
+                "healthPort": health_port, "rewriteAfterRotation": true, "rewritePerSecond": 4,
                 "apiServerReloadSeconds": 70, "secretIdTtlSeconds": 3600,
             },
             "csi": {
@@ -292,7 +301,11 @@ async fn a_kubebao_installation_runs_the_kms_plugin_as_a_static_pod_through_the_
         "no plaintext in etcd"
     );
 
-    // ── Rotation rewrites every Secret under the new key_id ──
+    // ── Rotation rewrites every Secret under the new key_id, with the operator killed
+    // (SIGKILL) right after it recorded the rotation request, and again mid-rewrite ──
+    for i in 0..40 {
+        put_secret(&secrets, &format!("s-{i:02}"), "plain-value").await;
+    }
     let api = installations(client.clone());
     let key_id_v1 = status(&api).await.expect("status")["keyId"]
         .as_str()
@@ -305,6 +318,36 @@ async fn a_kubebao_installation_runs_the_kms_plugin_as_a_static_pod_through_the_
     )
     .await
     .expect("ask for a rotation");
+    wait_for("the rotation request to be recorded", WAIT, || {
+        operator.assert_running();
+        let api = api.clone();
+        async move {
+            let st = status(&api).await?;
+            if st["rotateAttempt"]["request"] == "node-1" {
+                Ok(())
+            } else {
+                Err(st["rotateAttempt"].to_string())
+            }
+        }
+    })
+    .await;
+    operator.kill();
+    let mut operator = start_operator(bed, &images.path().join("bin/kubebao-operator"));
+    wait_for("the rewrite to be under way", Duration::from_secs(300), || {
+        operator.assert_running();
+        let api = api.clone();
+        async move {
+            let r = status(&api).await?["rewrite"].clone();
+            if r["done"].as_u64().unwrap_or(0) > 0 && r["complete"] != true {
+                Ok(())
+            } else {
+                Err(r.to_string())
+            }
+        }
+    })
+    .await;
+    operator.kill();
+    let mut operator = start_operator(bed, &images.path().join("bin/kubebao-operator"));
     let key_id_v2 = wait_for(
         "the rewrite after the rotation",
         Duration::from_secs(300),
@@ -325,15 +368,23 @@ async fn a_kubebao_installation_runs_the_kms_plugin_as_a_static_pod_through_the_
     )
     .await;
     assert_ne!(key_id_v1, key_id_v2);
-    for name in ["before", "after"] {
-        let raw = bed
-            .etcd()
-            .get(&format!("/registry/secrets/{test_ns}/{name}"))
-            .await
-            .expect("in etcd");
+    let key = bao
+        .client()
+        .transit_key(bao.root_token(), "transit", "kubebao-kms")
+        .await
+        .expect("the Transit key");
+    assert_eq!(key.latest_version, 2, "one request, one rotation, kills included");
+    let rewrite = status(&api).await.expect("status")["rewrite"].clone();
+    assert_eq!(rewrite["failed"], 0, "{rewrite}");
+    let stored = bed
+        .etcd()
+        .range(&format!("/registry/secrets/{test_ns}/"))
+        .await;
+    assert!(stored.len() >= 42, "{} Secrets", stored.len());
+    for (key, raw) in &stored {
         assert!(
-            raw.starts_with(KMS_PREFIX) && contains(&raw, key_id_v2.as_bytes()),
-            "{name} is stored under the new key_id"
+            raw.starts_with(KMS_PREFIX) && contains(raw, key_id_v2.as_bytes()),
+            "{key} is stored under the new key_id"
         );
     }
 

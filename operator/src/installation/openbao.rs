@@ -186,7 +186,9 @@ async fn prepare_openbao(
     let kms = &obj.spec.kms;
     prepare::validate(kms)?;
     let key = prepare::ensure_transit_key(bao, token, kms).await?;
-    let key = rotation::rotate_on_request(&ctx.rotations, obj, bao, token, key, status).await?;
+    let api: Api<KubeBaoInstallation> = Api::all(ctx.client.clone());
+    let key =
+        rotation::rotate_on_request(&ctx.rotations, &api, obj, (bao, token), key, status).await?;
     rotation::record_key(
         &ctx.rotations,
         &obj.name_any(),

@@ -1,17 +1,20 @@
 //! Rotating the Transit key on a `kubebao.io/rotate` request, exactly once per request, and
 //! recording the key's version and key_id (and since when) in the status. One request must never
-//! rotate twice, even when OpenBao's answer or the status write is lost, so what was attempted
-//! is remembered here between reconciles.
+//! rotate twice, even when OpenBao's answer or the status write is lost, or the operator is
+//! killed in between: what was attempted is written to the status (`rotateAttempt`) before the
+//! rotate call, and remembered here between reconciles.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams};
 use kubebao_openbao::{OpenBao, SecretString, TransitKey};
+use serde_json::json;
 
 use crate::installation::prepare::PrepareError;
 use crate::installation::types::{
-    KubeBaoInstallation, KubeBaoInstallationStatus, ROTATE_ANNOTATION,
+    KubeBaoInstallation, KubeBaoInstallationStatus, ROTATE_ANNOTATION, RotateAttempt,
 };
 
 /// What this operator remembers about each installation's key between reconciles.
@@ -55,20 +58,28 @@ fn rotation_plan(
 /// and returns it as it is now. Sets `lastRotateRequest` in `status`.
 pub async fn rotate_on_request(
     rotations: &Rotations,
+    api: &Api<KubeBaoInstallation>,
     obj: &KubeBaoInstallation,
-    bao: &OpenBao,
-    token: &SecretString,
+    (bao, token): (&OpenBao, &SecretString),
     key: TransitKey,
     status: &mut KubeBaoInstallationStatus,
 ) -> Result<TransitKey, PrepareError> {
     let kms = &obj.spec.kms;
     let name = obj.name_any();
+    // What this process attempted, else what the status says was attempted (an operator that
+    // was restarted, or a new leader).
     let attempted = rotations
         .attempted
         .lock()
         .expect("rotated")
         .get(&name)
-        .cloned();
+        .cloned()
+        .or_else(|| {
+            status
+                .rotate_attempt
+                .as_ref()
+                .map(|a| (a.request.clone(), a.from_version))
+        });
     let (acted, rotate_from) = rotation_plan(
         obj.annotations().get(ROTATE_ANNOTATION).map(String::as_str),
         status.last_rotate_request.as_deref(),
@@ -80,6 +91,23 @@ pub async fn rotate_on_request(
         return Ok(key);
     };
     let request = obj.annotations()[ROTATE_ANNOTATION].clone();
+    let attempt = RotateAttempt {
+        request: request.clone(),
+        from_version: before,
+    };
+    // Durable before the rotate call: if the status cannot be written, do not rotate now.
+    api.patch_status(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"rotateAttempt": attempt}})),
+    )
+    .await
+    .map_err(|e| {
+        PrepareError::Refused(format!(
+            "cannot record the rotation request {request:?} before rotating (retried): {e}"
+        ))
+    })?;
+    status.rotate_attempt = Some(attempt);
     rotations
         .attempted
         .lock()
@@ -161,6 +189,22 @@ mod tests {
         assert_eq!(
             rotation_plan(Some("r2"), r1, Some(&tried), 2),
             (Some("r1".into()), Some(2))
+        );
+    }
+
+    #[test]
+    fn a_restarted_operator_does_not_rotate_again_for_an_attempt_in_the_status() {
+        // Killed after the rotate call, before the result was recorded: the status holds the
+        // attempt (written first), this process remembers nothing, the key moved past it.
+        let from_status = ("r1".to_string(), 1);
+        assert_eq!(
+            rotation_plan(Some("r1"), None, Some(&from_status), 2),
+            (Some("r1".into()), None)
+        );
+        // Killed before the rotate call: the key has not moved, so it rotates, once, from 1.
+        assert_eq!(
+            rotation_plan(Some("r1"), None, Some(&from_status), 1),
+            (None, Some(1))
         );
     }
 

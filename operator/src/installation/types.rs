@@ -298,6 +298,11 @@ pub struct KubeBaoInstallationStatus {
     /// The last `kubebao.io/rotate` annotation value acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_rotate_request: Option<String>,
+    /// The last rotation request attempted, written before the Transit rotate call: an operator
+    /// that restarts (or a new leader) after the call but before the result was recorded sees
+    /// the key past `fromVersion` and does not rotate a second time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotate_attempt: Option<RotateAttempt>,
     /// When the operator first saw the current key_id (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_id_since: Option<String>,
@@ -325,6 +330,16 @@ pub struct KubeBaoInstallationStatus {
     /// Progress of rewriting Secrets under the new key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rewrite: Option<RewriteStatus>,
+}
+
+/// A rotation request, recorded before the Transit key is rotated for it.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RotateAttempt {
+    /// The `kubebao.io/rotate` annotation value.
+    pub request: String,
+    /// The key's latest version before the rotate call.
+    pub from_version: u64,
 }
 
 /// A DaemonSet rollout.
