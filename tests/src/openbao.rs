@@ -1,4 +1,4 @@
-//! A real OpenBao server with file storage, initialised and unsealed by the harness, that a
+//! A real OpenBao server with raft storage, initialised and unsealed by the harness, that a
 //! test can stop, restart, seal and unseal. Every request it serves is written to its audit
 //! log, so a test can count what one component asked of it (see `audit`).
 
