@@ -1,18 +1,23 @@
 //! etcd: the API server's storage, and a raw reader for what is really stored.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 
+use tokio::sync::Mutex;
+
 use crate::{Binaries, Component, wait_for};
 
-/// A running etcd.
+/// A running etcd, with what it takes to start it again on the same data dir and ports.
 pub(crate) struct Etcd {
-    /// Held so etcd stops when the test bed does.
-    pub _process: Component,
+    /// Held so etcd stops when the test bed does; replaced by a restart.
+    process: Mutex<Component>,
     pub client_url: String,
+    program: PathBuf,
+    dir: PathBuf,
+    args: Vec<String>,
 }
 
 impl Etcd {
@@ -32,34 +37,52 @@ impl Etcd {
             "--unsafe-no-fsync".into(),
             "--log-level=warn".into(),
         ];
-        let mut component = Component::start("etcd", dir, &bins.etcd, &args);
-        let http = reqwest::Client::new();
-        let health = format!("{client_url}/health");
-        wait_for("etcd /health", Duration::from_secs(60), || {
-            let (http, health) = (http.clone(), health.clone());
-            component.assert_running();
-            async move {
-                let body = http
-                    .get(&health)
-                    .send()
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .text()
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if body.contains("\"health\":\"true\"") {
-                    Ok(())
-                } else {
-                    Err(body)
-                }
-            }
-        })
-        .await;
+        let program = bins.etcd.clone();
+        let component = launch(&program, dir, &args, &client_url).await;
         Self {
-            _process: component,
+            process: Mutex::new(component),
             client_url,
+            program,
+            dir: dir.to_path_buf(),
+            args,
         }
     }
+
+    /// Kills etcd (SIGKILL, as a crash would) and starts it again on the same data dir and
+    /// ports; returns when /health is ok.
+    pub async fn restart(&self) {
+        let mut process = self.process.lock().await;
+        process.kill();
+        *process = launch(&self.program, &self.dir, &self.args, &self.client_url).await;
+    }
+}
+
+/// Starts etcd and waits for its /health.
+async fn launch(program: &Path, dir: &Path, args: &[String], client_url: &str) -> Component {
+    let mut component = Component::start("etcd", dir, program, args);
+    let http = reqwest::Client::new();
+    let health = format!("{client_url}/health");
+    wait_for("etcd /health", Duration::from_secs(60), || {
+        let (http, health) = (http.clone(), health.clone());
+        component.assert_running();
+        async move {
+            let body = http
+                .get(&health)
+                .send()
+                .await
+                .map_err(|e| e.to_string())?
+                .text()
+                .await
+                .map_err(|e| e.to_string())?;
+            if body.contains("\"health\":\"true\"") {
+                Ok(())
+            } else {
+                Err(body)
+            }
+        }
+    })
+    .await;
+    component
 }
 
 /// The API server's storage, seen directly: what is really stored, and writes that bypass the

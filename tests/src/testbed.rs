@@ -235,6 +235,12 @@ impl Testbed {
         );
     }
 
+    /// Kills etcd (SIGKILL) and starts it again on the same data dir and ports; returns when
+    /// its /health is ok. The API server keeps running and reconnects by itself.
+    pub async fn restart_etcd(&self) {
+        self.etcd.restart().await;
+    }
+
     /// Creates a namespace with a unique name starting with `prefix`.
     pub async fn namespace(&self, prefix: &str) -> String {
         let api: Api<Namespace> = Api::all(self.client().await);

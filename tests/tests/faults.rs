@@ -1,7 +1,10 @@
 //! Faults under load: the real KMS plugin serves Encrypt+Decrypt continuously while OpenBao
-//! breaks (a 3-node raft cluster losing its active node; one node sealed, then restarted), and
-//! kube-apiserver writes Secrets through it while it restarts; everything recovers by itself. Each test prints `FIGURE fault:` lines (failed requests,
-//! recovery time, objects lost) and asserts that nothing encrypted before the fault is lost.
+//! breaks (a 3-node raft cluster losing its active node; one node sealed, then restarted);
+//! kube-apiserver writes Secrets through it while it restarts; Secrets are written while etcd
+//! is SIGKILLed and restarted; the real CSI provider mounts and the real operator syncs a
+//! BaoSecret while the cluster's active node dies. Everything recovers by itself. Each test
+//! prints `FIGURE fault:` lines (failed requests, recovery time, objects lost or wrong) and
+//! asserts that nothing made before the fault is lost and nothing wrong is served.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -9,9 +12,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, ObjectMeta, PostParams};
 use kubebao_openbao::{OpenBao, SecretString};
+use kubebao_proto::csi::csi_driver_provider_client::CsiDriverProviderClient;
+use kubebao_proto::csi::{MountRequest, VersionRequest};
 use kubebao_proto::kms::key_management_service_client::KeyManagementServiceClient;
 use kubebao_proto::kms::{DecryptRequest, EncryptRequest, EncryptResponse};
 use kubebao_testbed::node_image::kubebao_binaries;
@@ -449,6 +454,47 @@ fn secret(name: &str, value: &str) -> Secret {
     }
 }
 
+/// Secrets created one after the other (`s-0`, `s-1`, …) through the API server; each
+/// successful create made (name, value).
+fn secret_load(api: &Api<Secret>) -> Load<(String, String)> {
+    let writer = api.clone();
+    Load::start(move |i| {
+        let api = writer.clone();
+        async move {
+            let (name, value) = (format!("s-{i}"), format!("value number {i}"));
+            api.create(&PostParams::default(), &secret(&name, &value))
+                .await
+                .map_err(|e| format!("create Secret {name}: {e}"))?;
+            Ok((name, value))
+        }
+    })
+}
+
+/// Whether Secret `name` reads back with `value`.
+async fn reads_back(api: &Api<Secret>, (name, value): &(String, String)) -> bool {
+    api.get(name).await.is_ok_and(|s| {
+        s.data.and_then(|d| d.get("value").cloned()) == Some(ByteString(value.clone().into_bytes()))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_survive_an_etcd_restart_under_load() {
+    let bed = Testbed::start(TestbedOptions {
+        controller_manager: false,
+        openbao: false,
+    })
+    .await;
+    let ns = bed.namespace("faults").await;
+    let api: Api<Secret> = Api::namespaced(bed.client().await, &ns);
+    secret_load(&api)
+        .through(
+            "etcd SIGKILLed and restarted",
+            bed.restart_etcd(),
+            async |made| reads_back(&api, made).await,
+        )
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_encrypted_through_the_plugin_survive_an_apiserver_restart_under_load() {
     let bed = Testbed::start(TestbedOptions {
@@ -465,28 +511,13 @@ async fn secrets_encrypted_through_the_plugin_survive_an_apiserver_restart_under
     let ns = bed.namespace("faults").await;
     let api: Api<Secret> = Api::namespaced(bed.client().await, &ns);
 
-    let writer = api.clone();
-    let load = Load::start(move |i| {
-        let api = writer.clone();
-        async move {
-            let (name, value) = (format!("s-{i}"), format!("value number {i}"));
-            api.create(&PostParams::default(), &secret(&name, &value))
-                .await
-                .map_err(|e| format!("create Secret {name}: {e}"))?;
-            Ok((name, value))
-        }
-    });
-    load.through(
-        "kube-apiserver restarted",
-        bed.restart_apiserver(Some(&config)),
-        async |(name, value)| {
-            api.get(name).await.is_ok_and(|s| {
-                s.data.and_then(|d| d.get("value").cloned())
-                    == Some(ByteString(value.clone().into_bytes()))
-            })
-        },
-    )
-    .await;
+    secret_load(&api)
+        .through(
+            "kube-apiserver restarted",
+            bed.restart_apiserver(Some(&config)),
+            async |made| reads_back(&api, made).await,
+        )
+        .await;
     let raw = bed
         .etcd()
         .get(&format!("/registry/secrets/{ns}/s-0"))
@@ -496,4 +527,411 @@ async fn secrets_encrypted_through_the_plugin_survive_an_apiserver_restart_under
         raw.starts_with(b"k8s:enc:kms:v2:kubebao:"),
         "Secrets are stored as KMS v2 envelopes"
     );
+}
+
+/// What the CSI provider and the operator read from the cluster: a KV v2 secret.
+const APP_SECRET_PATH: &str = "secret/data/app/db";
+
+/// Writes `password` to the KV v2 secret at `path`, retrying while a just-enabled mount
+/// upgrades or the cluster fails over.
+async fn put_secret(cluster: &OpenBaoCluster, path: &str, password: &str) {
+    let (bao, root) = (cluster.client(), cluster.root_token().clone());
+    wait_for("the KV v2 write", Duration::from_secs(30), || {
+        let (bao, root) = (bao.clone(), root.clone());
+        let body = json!({"data": {"password": password}});
+        async move {
+            bao.request(Method::POST, path, Some(&root), Some(&body))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await;
+}
+
+/// The cluster prepared as an installation would: KV v2 at `secret/` with the app's secret,
+/// and Kubernetes auth verifying tokens with the bed's API server (as
+/// `Testbed::enable_kubernetes_auth` does for the bed's own OpenBao), role `my-app` bound to
+/// ServiceAccount `app`.
+async fn prepare_cluster(bed: &Testbed, cluster: &OpenBaoCluster, password: &str) {
+    bed.service_account("kube-system", "openbao-token-reviewer")
+        .await;
+    bed.kubectl(&[
+        "create",
+        "clusterrolebinding",
+        "openbao-token-reviewer",
+        "--clusterrole=system:auth-delegator",
+        "--serviceaccount=kube-system:openbao-token-reviewer",
+    ]);
+    let reviewer = bed
+        .service_account_token(
+            "kube-system",
+            "openbao-token-reviewer",
+            "https://kubernetes.default.svc",
+            86400,
+        )
+        .await;
+    let setup: [(Method, &str, serde_json::Value); 5] = [
+        (
+            Method::POST,
+            "sys/mounts/secret",
+            json!({"type": "kv", "options": {"version": "2"}}),
+        ),
+        (
+            Method::POST,
+            "sys/auth/kubernetes",
+            json!({"type": "kubernetes"}),
+        ),
+        (
+            Method::POST,
+            "auth/kubernetes/config",
+            json!({
+                "kubernetes_host": bed.apiserver_url(),
+                "kubernetes_ca_cert": bed.pki().ca_pem(),
+                "token_reviewer_jwt": reviewer,
+                "disable_local_ca_jwt": true,
+            }),
+        ),
+        (
+            Method::PUT,
+            "sys/policies/acl/my-app",
+            json!({"policy": r#"path "secret/data/app/*" { capabilities = ["read"] }"#}),
+        ),
+        (
+            Method::POST,
+            "auth/kubernetes/role/my-app",
+            json!({
+                "bound_service_account_names": ["app"],
+                "bound_service_account_namespaces": ["*"],
+                "audience": "openbao",
+                "token_policies": ["my-app"],
+                "token_ttl": "1h",
+            }),
+        ),
+    ];
+    for (method, path, body) in setup {
+        cluster.root(method, path, Some(body)).await;
+    }
+    put_secret(cluster, APP_SECRET_PATH, password).await;
+}
+
+/// The real `kubebao-csi` against `addr`; returns it once its socket answers, and the socket.
+async fn start_csi(
+    bin_dir: &Path,
+    dir: &Path,
+    addr: &str,
+    kubeconfig: &Path,
+) -> (Component, PathBuf) {
+    let providers = dir.join("providers");
+    let key = dir.join("version.key");
+    std::fs::write(&key, [42u8; 32]).expect("write the object-version key");
+    let args = vec![
+        format!("--provider-dir={}", providers.display()),
+        format!("--openbao-addr={addr}"),
+        "--openbao-allow-plain-http".into(),
+        format!("--kubeconfig={}", kubeconfig.display()),
+        "--audience=openbao".into(),
+        format!("--object-version-key-file={}", key.display()),
+        format!("--listen=127.0.0.1:{}", free_port()),
+    ];
+    let mut csi = Component::start("kubebao-csi", dir, &bin_dir.join("kubebao-csi"), &args);
+    let socket = providers.join("kubebao.sock");
+    let s = socket.clone();
+    wait_for("kubebao-csi to serve", Duration::from_secs(60), || {
+        csi.assert_running();
+        let s = s.clone();
+        async move {
+            csi_client(&s)
+                .await?
+                .version(VersionRequest {
+                    version: "v1alpha1".into(),
+                })
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await;
+    (csi, socket)
+}
+
+async fn csi_client(socket: &Path) -> Result<CsiDriverProviderClient<Channel>, String> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("unix:{}", socket.display()))
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(CsiDriverProviderClient::new(channel))
+}
+
+/// A pod (Pending: no kubelet) of ServiceAccount `app`, and the Mount attributes the driver
+/// would send for it (no token: the provider requests one bound to the pod).
+async fn app_pod_attributes(bed: &Testbed, ns: &str) -> String {
+    bed.service_account(ns, "app").await;
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"serviceAccountName": "app",
+                 "containers": [{"name": "app", "image": "registry.example/app:1"}]}
+    }))
+    .expect("pod");
+    let uid = Api::<Pod>::namespaced(bed.client().await, ns)
+        .create(&PostParams::default(), &pod)
+        .await
+        .expect("create the pod")
+        .metadata
+        .uid
+        .expect("pod uid");
+    json!({
+        "secretProviderClass": "app-secrets",
+        "csi.storage.k8s.io/ephemeral": "false",
+        "csi.storage.k8s.io/pod.name": "web",
+        "csi.storage.k8s.io/pod.namespace": ns,
+        "csi.storage.k8s.io/pod.uid": uid,
+        "csi.storage.k8s.io/serviceAccount.name": "app",
+        "roleName": "my-app",
+        "objects": "- objectName: \"db-password\"\n  secretPath: \"secret/data/app/db\"\n  secretKey: \"password\"\n",
+    })
+    .to_string()
+}
+
+/// One Mount as the driver makes it; the content served for `db-password`.
+async fn mount(socket: &Path, attributes: &str) -> Result<Vec<u8>, String> {
+    let resp = csi_client(socket)
+        .await?
+        .mount(MountRequest {
+            attributes: attributes.to_string(),
+            secrets: "{}".into(),
+            target_path: "/var/lib/kubelet/pods/x/volumes/kubernetes.io~csi/secrets/mount".into(),
+            permission: "420".into(),
+            current_object_version: vec![],
+        })
+        .await
+        .map_err(|e| format!("Mount: {e}"))?
+        .into_inner();
+    resp.files
+        .into_iter()
+        .find(|f| f.path == "db-password")
+        .map(|f| f.contents)
+        .ok_or_else(|| "Mount returned no db-password file".to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csi_provider_recovers_when_the_active_openbao_node_dies() {
+    let bed = Testbed::start(TestbedOptions {
+        controller_manager: false,
+        openbao: false,
+    })
+    .await;
+    let bin_dir = kubebao_binaries(&bed.dir().join("bin"));
+    let cluster = OpenBaoCluster::start(bed.binaries(), bed.dir(), 3).await;
+    prepare_cluster(&bed, &cluster, "pw-1").await;
+    let (_csi, socket) = start_csi(&bin_dir, bed.dir(), cluster.addr(), bed.kubeconfig()).await;
+    let ns = bed.namespace("faults").await;
+    let attributes = app_pod_attributes(&bed, &ns).await;
+    let active = cluster.active_node().await;
+    let load_socket = socket.clone();
+    // "Lost" here is a Mount that served other content than the secret holds.
+    Load::start(move |_| {
+        let (socket, attributes) = (load_socket.clone(), attributes.clone());
+        async move { mount(&socket, &attributes).await }
+    })
+    .through(
+        "CSI provider, active OpenBao node SIGKILLed",
+        async { cluster.kill(active).await },
+        async |served| served.as_slice() == b"pw-1",
+    )
+    .await;
+    assert_ne!(cluster.active_node().await, active, "a standby took over");
+}
+
+/// The operator's own OpenBao policy (policies and roles only, no KV), as installed.
+const OPERATOR_POLICY: &str = r#"
+path "sys/policies/acl/*" { capabilities = ["create", "read", "update", "delete", "list"] }
+path "auth/kubernetes/role/*" { capabilities = ["create", "read", "update", "delete", "list"] }
+"#;
+
+/// The real `kubebao-operator` against `addr` with a token of `OPERATOR_POLICY`; returns it
+/// once /readyz is ok.
+async fn start_operator(bed: &Testbed, cluster: &OpenBaoCluster, bin_dir: &Path) -> Component {
+    cluster
+        .root(
+            Method::POST,
+            "sys/policies/acl/kubebao-operator",
+            Some(json!({"policy": OPERATOR_POLICY})),
+        )
+        .await;
+    let token = cluster
+        .root(
+            Method::POST,
+            "auth/token/create",
+            Some(json!({"policies": ["kubebao-operator"], "ttl": "1h"})),
+        )
+        .await
+        .expect("token response");
+    let token_file = bed.dir().join("operator-token");
+    std::fs::write(
+        &token_file,
+        token["auth"]["client_token"].as_str().expect("token"),
+    )
+    .expect("write the operator's token");
+    bed.install_crds();
+    let _ = bed.try_kubectl(&["create", "namespace", "kubebao-system"], "");
+    let port = free_port();
+    let kubeconfig = bed.kubeconfig().display().to_string();
+    let mut operator = Component::start_with_env(
+        "kubebao-operator",
+        bed.dir(),
+        &bin_dir.join("kubebao-operator"),
+        &[
+            format!("--openbao-addr={}", cluster.addr()),
+            "--openbao-allow-plain-http".into(),
+            format!("--openbao-token-file={}", token_file.display()),
+            "--namespace=kubebao-system".into(),
+            "--pod-name=operator-0".into(),
+            format!("--metrics-addr=127.0.0.1:{port}"),
+            "--leader-elect=false".into(),
+        ],
+        &[("KUBECONFIG", &kubeconfig)],
+    );
+    let ready = format!("http://127.0.0.1:{port}/readyz");
+    wait_for("the operator to be ready", Duration::from_secs(120), || {
+        operator.assert_running();
+        let ready = ready.clone();
+        async move {
+            match reqwest::get(&ready).await {
+                Ok(r) if r.status().is_success() => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+    operator
+}
+
+/// A namespace whose `default` ServiceAccount may read `secret/data/<ns>/*` through the
+/// OpenBao role named after the namespace (the BaoSecret defaults).
+async fn tenant(bed: &Testbed, cluster: &OpenBaoCluster) -> String {
+    let ns = bed.namespace("faults").await;
+    // No kube-controller-manager runs to create it.
+    bed.service_account(&ns, "default").await;
+    let policy = format!("path \"secret/data/{ns}/*\" {{ capabilities = [\"read\"] }}\n");
+    cluster
+        .root(
+            Method::POST,
+            &format!("sys/policies/acl/tenant-{ns}"),
+            Some(json!({"policy": policy})),
+        )
+        .await;
+    cluster
+        .root(
+            Method::POST,
+            &format!("auth/kubernetes/role/{ns}"),
+            Some(json!({"bound_service_account_names": ["default"],
+                        "bound_service_account_namespaces": [ns],
+                        "token_policies": [format!("tenant-{ns}")], "token_ttl": "1h"})),
+        )
+        .await;
+    ns
+}
+
+/// The `password` the operator's Secret holds now (None while it does not exist).
+async fn synced_password(api: &Api<Secret>) -> Option<String> {
+    let secret = api.get_opt("app-secret").await.ok()??;
+    let value = secret.data?.get("password")?.0.clone();
+    Some(String::from_utf8_lossy(&value).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_syncs_a_change_made_after_the_active_openbao_node_dies() {
+    let bed = Testbed::start(TestbedOptions {
+        controller_manager: false,
+        openbao: false,
+    })
+    .await;
+    let bin_dir = kubebao_binaries(&bed.dir().join("bin"));
+    let cluster = OpenBaoCluster::start(bed.binaries(), bed.dir(), 3).await;
+    prepare_cluster(&bed, &cluster, "unused").await;
+    let _operator = start_operator(&bed, &cluster, &bin_dir).await;
+    let ns = tenant(&bed, &cluster).await;
+    let path = format!("secret/data/{ns}/app");
+    put_secret(&cluster, &path, "before-the-fault").await;
+    bed.apply(
+        &json!({
+            "apiVersion": "kubebao.io/v1alpha1",
+            "kind": "BaoSecret",
+            "metadata": {"name": "app", "namespace": ns},
+            "spec": {"secretPath": path, "target": {"name": "app-secret"}, "refreshInterval": "2s"},
+        })
+        .to_string(),
+    );
+    let api: Api<Secret> = Api::namespaced(bed.client().await, &ns);
+    let synced = |want: &'static str| {
+        let api = api.clone();
+        move || {
+            let api = api.clone();
+            async move {
+                match synced_password(&api).await {
+                    Some(p) if p == want => Ok(()),
+                    other => Err(format!(
+                        "the Secret holds {:?}",
+                        other.map(|_| "another value")
+                    )),
+                }
+            }
+        }
+    };
+    wait_for(
+        "the first sync",
+        Duration::from_secs(60),
+        synced("before-the-fault"),
+    )
+    .await;
+
+    // Watch the Secret throughout: it must never disappear or hold anything else.
+    let watcher = api.clone();
+    let wrong = Arc::new(Mutex::new((0u32, 0u32)));
+    let seen = wrong.clone();
+    let watch = tokio::spawn(async move {
+        loop {
+            let ok = matches!(
+                synced_password(&watcher).await.as_deref(),
+                Some("before-the-fault" | "after-the-fault")
+            );
+            {
+                let mut seen = seen.lock().expect("watch lock");
+                seen.0 += 1;
+                seen.1 += u32::from(!ok);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let active = cluster.active_node().await;
+    let fault_at = Instant::now();
+    cluster.kill(active).await;
+    put_secret(&cluster, &path, "after-the-fault").await;
+    let written_at = Instant::now();
+    wait_for(
+        "the change to be synced",
+        RECOVERY_BOUND * 2,
+        synced("after-the-fault"),
+    )
+    .await;
+    let synced_at = Instant::now();
+    watch.abort();
+    let (polls, bad) = *wrong.lock().expect("watch lock");
+    let recovery = synced_at - written_at;
+    println!(
+        "FIGURE fault: operator, active OpenBao node SIGKILLed: change written {:.2?} after the kill, synced {recovery:.2?} after it was written ({:.2?} after the kill)",
+        written_at - fault_at,
+        synced_at - fault_at
+    );
+    println!(
+        "FIGURE fault: operator, active OpenBao node SIGKILLed: Secret missing or wrong in {bad} of {polls} reads"
+    );
+    assert_eq!(bad, 0, "the Secret went missing or held a wrong value");
+    assert!(
+        recovery <= RECOVERY_BOUND,
+        "the change took {recovery:?} to reach the Secret (bound {RECOVERY_BOUND:?})"
+    );
+    assert_ne!(cluster.active_node().await, active, "a standby took over");
 }
