@@ -333,18 +333,22 @@ async fn a_kubebao_installation_runs_the_kms_plugin_as_a_static_pod_through_the_
     .await;
     operator.kill();
     let mut operator = start_operator(bed, &images.path().join("bin/kubebao-operator"));
-    wait_for("the rewrite to be under way", Duration::from_secs(300), || {
-        operator.assert_running();
-        let api = api.clone();
-        async move {
-            let r = status(&api).await?["rewrite"].clone();
-            if r["done"].as_u64().unwrap_or(0) > 0 && r["complete"] != true {
-                Ok(())
-            } else {
-                Err(r.to_string())
+    wait_for(
+        "the rewrite to be under way",
+        Duration::from_secs(300),
+        || {
+            operator.assert_running();
+            let api = api.clone();
+            async move {
+                let r = status(&api).await?["rewrite"].clone();
+                if r["done"].as_u64().unwrap_or(0) > 0 && r["complete"] != true {
+                    Ok(())
+                } else {
+                    Err(r.to_string())
+                }
             }
-        }
-    })
+        },
+    )
     .await;
     operator.kill();
     let mut operator = start_operator(bed, &images.path().join("bin/kubebao-operator"));
@@ -373,7 +377,10 @@ async fn a_kubebao_installation_runs_the_kms_plugin_as_a_static_pod_through_the_
         .transit_key(bao.root_token(), "transit", "kubebao-kms")
         .await
         .expect("the Transit key");
-    assert_eq!(key.latest_version, 2, "one request, one rotation, kills included");
+    assert_eq!(
+        key.latest_version, 2,
+        "one request, one rotation, kills included"
+    );
     let rewrite = status(&api).await.expect("status")["rewrite"].clone();
     assert_eq!(rewrite["failed"], 0, "{rewrite}");
     let stored = bed

@@ -438,8 +438,12 @@ async fn show_csi_mount(bed: &Testbed, (node, _): &(Node, CsiDriver)) {
         .into_iter()
         .find(|d| d["kind"] == "Pod")
         .expect("the example has a Pod");
-    pod["spec"]["containers"][0]["image"] = json!(node.pause_image());
-    pod["spec"]["containers"][0]["imagePullPolicy"] = json!("Never");
+    // The test bed's pause image: given a path, its process prints that file as it sees it from
+    // inside the pod (then waits), so `kubectl logs my-app` shows what the application reads.
+    let container = &mut pod["spec"]["containers"][0];
+    container["image"] = json!(node.pause_image());
+    container["imagePullPolicy"] = json!("Never");
+    container["args"] = json!(["/mnt/secrets/db-password"]);
     let pods: Api<Pod> = Api::namespaced(client, "default");
     let started = Instant::now();
     let pod = pods
@@ -465,14 +469,28 @@ async fn show_csi_mount(bed: &Testbed, (node, _): &(Node, CsiDriver)) {
     let file = pod_volume_dir(node, uid, "kubernetes.io~csi", "secrets")
         .join("mount")
         .join("db-password");
-    let content = std::fs::read(&file).expect("the pod's secret file");
     let mode = std::fs::metadata(&file)
         .map(|m| m.permissions().mode() & 0o777)
         .unwrap_or(0);
+    let seen = wait_for("the app's output (kubectl logs my-app)", WAIT, || {
+        let (pods, name) = (pods.clone(), name.clone());
+        async move {
+            let logs = pods
+                .logs(&name, &Default::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            if logs.is_empty() {
+                Err("no output yet".to_string())
+            } else {
+                Ok(logs)
+            }
+        }
+    })
+    .await;
     said(&format!(
-        "pod default/{name} runs {:.1?} after it was created and reads /mnt/secrets/db-password (mode {mode:o}): {:?} (demo data)",
+        "pod default/{name} runs {:.1?} after it was created; inside it the app read (kubectl logs {name}): {:?} (demo data; the file's mode is {mode:o})",
         started.elapsed(),
-        String::from_utf8_lossy(&content)
+        seen.trim()
     ));
     said(
         "the provider logged in to OpenBao as the pod's own ServiceAccount default/my-app (role my-app)",
