@@ -14,6 +14,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams,
 };
+use kubebao_testbed::conditions::{condition, wait_condition};
 use kubebao_testbed::{Audit, AuditedRequest, Component, Testbed, free_port, wait_for};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -145,45 +146,6 @@ async fn baosecrets(bed: &Testbed, ns: &str) -> Api<DynamicObject> {
 
 async fn baopolicies(bed: &Testbed) -> Api<DynamicObject> {
     Api::all_with(bed.client().await, &gvk("BaoPolicy"))
-}
-
-fn condition(obj: &DynamicObject, type_: &str) -> Option<(String, String, String)> {
-    obj.data["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
-        .map(|c| {
-            (
-                c["status"].as_str().unwrap_or_default().to_string(),
-                c["reason"].as_str().unwrap_or_default().to_string(),
-                c["message"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-}
-
-/// Waits until `name` has condition `type_` = `status` with `reason`; returns the message.
-async fn wait_condition(
-    api: &Api<DynamicObject>,
-    name: &str,
-    type_: &str,
-    status: &str,
-    reason: &str,
-) -> String {
-    wait_for(
-        &format!("{name} to have {type_}={status} ({reason})"),
-        WAIT,
-        || async {
-            let obj = api.get(name).await.map_err(|e| e.to_string())?;
-            match condition(&obj, type_) {
-                Some((s, r, m)) if s == status && r == reason => Ok(m),
-                other => Err(format!(
-                    "conditions now: {other:?}; status: {}",
-                    obj.data["status"]
-                )),
-            }
-        },
-    )
-    .await
 }
 
 /// Waits for a Warning event with `reason` about the object `name` in namespace `ns` (events

@@ -6,7 +6,7 @@
 //!
 //! One test, in phases, because it restarts the shared API server.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
@@ -17,48 +17,17 @@ use kube::api::{
     Api, ApiResource, DynamicObject, GroupVersionKind, ObjectMeta, Patch, PatchParams, PostParams,
 };
 use kubebao_openbao::{Credentials, SecretString};
+use kubebao_testbed::conditions::condition;
+use kubebao_testbed::node_image::build_binaries;
 use kubebao_testbed::{Component, Testbed, free_port, wait_for};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(60);
 const NS: &str = "kube-system";
 
-/// Builds an agent binary of this workspace into this test's target dir and returns its path.
-fn agent_binary(package: &str, bin: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps");
-    let target_dir = profile_dir.parent().expect("target dir");
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let status = std::process::Command::new(option_env!("CARGO").unwrap_or("cargo"))
-        .current_dir(workspace)
-        .args(["build", "-q", "-p", package, "--bin", bin, "--target-dir"])
-        .arg(target_dir)
-        .status()
-        .expect("run cargo build");
-    assert!(status.success(), "cargo build -p {package} failed");
-    profile_dir.join(bin)
-}
-
 fn installations(client: kube::Client) -> Api<DynamicObject> {
     let gvk = GroupVersionKind::gvk("kubebao.io", "v1alpha1", "KubeBaoInstallation");
     Api::all_with(client, &ApiResource::from_gvk(&gvk))
-}
-
-fn condition(obj: &DynamicObject, type_: &str) -> Option<(String, String, String)> {
-    obj.data["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
-        .map(|c| {
-            (
-                c["status"].as_str().unwrap_or_default().to_string(),
-                c["reason"].as_str().unwrap_or_default().to_string(),
-                c["message"].as_str().unwrap_or_default().to_string(),
-            )
-        })
 }
 
 /// Writes the installer's ConfigMap and Secret into directories, as the kubelet mounts them.
@@ -99,8 +68,8 @@ async fn one_installation_prepares_openbao_installs_the_plugin_and_encrypts_etcd
     let client = bed.client().await;
     let bao = bed.openbao();
     let root = bao.root_token();
-    let installer_bin = agent_binary("kubebao-installer", "kubebao-installer");
-    let kms_bin = agent_binary("kubebao-kms", "kubebao-kms");
+    let bins = build_binaries(&["kubebao-installer", "kubebao-kms"]);
+    let (installer_bin, kms_bin) = (bins.join("kubebao-installer"), bins.join("kubebao-kms"));
 
     // The CRDs, as `crds/` ships them.
     bed.install_crds();

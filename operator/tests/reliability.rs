@@ -13,6 +13,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kubebao_testbed::conditions::{condition, wait_condition};
 use kubebao_testbed::{Audit, Component, Testbed, free_port, wait_for};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -169,45 +170,6 @@ async fn baosecrets(bed: &Testbed, ns: &str) -> Api<DynamicObject> {
     Api::namespaced_with(bed.client().await, ns, &gvk("BaoSecret"))
 }
 
-fn condition(obj: &DynamicObject, type_: &str) -> Option<(String, String, String)> {
-    obj.data["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
-        .map(|c| {
-            (
-                c["status"].as_str().unwrap_or_default().to_string(),
-                c["reason"].as_str().unwrap_or_default().to_string(),
-                c["message"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-}
-
-/// Waits until `name` has condition `type_` = `status` with `reason`; returns the message.
-async fn wait_condition(
-    api: &Api<DynamicObject>,
-    name: &str,
-    type_: &str,
-    status: &str,
-    reason: &str,
-) -> String {
-    wait_for(
-        &format!("{name} to have {type_}={status} ({reason})"),
-        WAIT,
-        || async {
-            let obj = api.get(name).await.map_err(|e| e.to_string())?;
-            match condition(&obj, type_) {
-                Some((s, r, m)) if s == status && r == reason => Ok(m),
-                other => Err(format!(
-                    "conditions now: {other:?}; status: {}",
-                    obj.data["status"]
-                )),
-            }
-        },
-    )
-    .await
-}
-
 /// The Warning events with `reason` about `name` in `ns`: (how many Event objects, how many
 /// times they were said in all, counting each series).
 async fn warnings(bed: &Testbed, ns: &str, name: &str, reason: &str) -> (usize, i32) {
@@ -338,6 +300,8 @@ async fn data_too_large_for_a_secret_is_stalled_once_and_not_retried_in_a_loop()
             && message.contains(&format!("writes {} bytes", 4 + blob.len())),
         "{message}"
     );
+    // A window to watch for retries that must not happen (an absence has no condition to wait
+    // for): with the old hot retry loop there were several within seconds.
     tokio::time::sleep(Duration::from_secs(20)).await;
     // One read of the data each, one reconcile each, one Warning said once; nothing written.
     let reads = tenant_requests(&bed.openbao().audit().since(mark), &ns);
@@ -393,6 +357,7 @@ async fn a_write_kubernetes_refuses_for_good_is_stalled_until_the_spec_changes()
     let message = wait_condition(&bs, "typed", "Stalled", "True", "SecretRejected").await;
     assert!(message.contains("field is immutable"), "{message}");
     let mark = bed.openbao().audit().len();
+    // A window to watch for retries that must not happen (an absence has no condition).
     tokio::time::sleep(Duration::from_secs(15)).await;
     let since = tenant_requests(&bed.openbao().audit().since(mark), &ns);
     assert!(since.is_empty(), "retried: {:?}", since.requests);

@@ -25,6 +25,8 @@ use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, ObjectMeta, Patch,
     PatchParams, PostParams,
 };
+use kubebao_testbed::conditions::condition;
+use kubebao_testbed::node_image::build_binaries;
 use kubebao_testbed::{Component, RawEtcd, Testbed, free_port, wait_for};
 use serde_json::{Value, json};
 
@@ -33,40 +35,9 @@ const NS: &str = "kube-system";
 const NODE: &str = "cp-1";
 const KMS_PREFIX: &[u8] = b"k8s:enc:kms:v2:";
 
-/// Builds an agent binary of this workspace into this test's target dir and returns its path.
-fn agent_binary(package: &str, bin: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps");
-    let target_dir = profile_dir.parent().expect("target dir");
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let status = std::process::Command::new(option_env!("CARGO").unwrap_or("cargo"))
-        .current_dir(workspace)
-        .args(["build", "-q", "-p", package, "--bin", bin, "--target-dir"])
-        .arg(target_dir)
-        .status()
-        .expect("run cargo build");
-    assert!(status.success(), "cargo build -p {package} failed");
-    profile_dir.join(bin)
-}
-
 fn installations(client: kube::Client) -> Api<DynamicObject> {
     let gvk = GroupVersionKind::gvk("kubebao.io", "v1alpha1", "KubeBaoInstallation");
     Api::all_with(client, &ApiResource::from_gvk(&gvk))
-}
-
-/// (status, reason, message) of condition `type_`.
-fn condition(obj: &DynamicObject, type_: &str) -> Option<(String, String, String)> {
-    obj.data["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
-        .map(|c| {
-            let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
-            (s("status"), s("reason"), s("message"))
-        })
 }
 
 async fn http_get(url: &str) -> Result<String, String> {
@@ -281,8 +252,8 @@ async fn rewrites_skip_no_secret_and_kms_is_removed_only_after_migrating_off() {
     let client = bed.client().await;
     let bao = bed.openbao();
     let root = bao.root_token();
-    let installer_bin = agent_binary("kubebao-installer", "kubebao-installer");
-    let kms_bin = agent_binary("kubebao-kms", "kubebao-kms");
+    let bins = build_binaries(&["kubebao-installer", "kubebao-kms"]);
+    let (installer_bin, kms_bin) = (bins.join("kubebao-installer"), bins.join("kubebao-kms"));
     let etcd = bed.etcd();
     bed.install_crds();
     bed.register_node(NODE, &[], true).await;

@@ -14,6 +14,7 @@
 //! Tests that need pods to really run start a [`Node`] (containerd, kubelet, kube-scheduler,
 //! optionally the Secrets Store CSI driver) on this machine; it restores the host when it stops.
 
+pub mod conditions;
 mod etcd;
 pub use etcd::RawEtcd;
 mod kube_cluster;

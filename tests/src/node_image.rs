@@ -51,9 +51,9 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Builds KubeBao's binaries (debug, into the running test's own target dir) and copies them
-/// into `dir`, so a concurrent rebuild cannot change them under the test; returns `dir`.
-pub fn kubebao_binaries(dir: &Path) -> PathBuf {
+/// Builds KubeBao's `binaries` (debug, into the running test's own target dir: the one
+/// `cargo test` built it in) and returns that profile dir, where they now are.
+pub fn build_binaries(binaries: &[&str]) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable");
     let profile_dir = exe
         .parent()
@@ -65,10 +65,17 @@ pub fn kubebao_binaries(dir: &Path) -> PathBuf {
         .current_dir(repo())
         .args(["build", "-q", "--bins", "--target-dir"])
         .arg(target_dir);
-    for bin in KUBEBAO_BINARIES {
+    for bin in binaries {
         cargo.args(["-p", bin]);
     }
     run(&mut cargo);
+    profile_dir.to_path_buf()
+}
+
+/// Builds KubeBao's four binaries and copies them into `dir`, so a concurrent rebuild cannot
+/// change them under the test; returns `dir`.
+pub fn kubebao_binaries(dir: &Path) -> PathBuf {
+    let profile_dir = build_binaries(&KUBEBAO_BINARIES);
     std::fs::create_dir_all(dir).expect("create the binaries' dir");
     for bin in KUBEBAO_BINARIES {
         std::fs::copy(profile_dir.join(bin), dir.join(bin))

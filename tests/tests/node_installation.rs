@@ -17,6 +17,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{
     Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
 };
+use kubebao_testbed::conditions::condition;
 use kubebao_testbed::node_image::kubebao_image_on;
 use kubebao_testbed::{Component, NODE_NAME, Node, Testbed, free_port, wait_for};
 use serde_json::{Value, json};
@@ -29,15 +30,6 @@ const KMS_PREFIX: &[u8] = b"k8s:enc:kms:v2:kubebao:";
 fn installations(client: kube::Client) -> Api<DynamicObject> {
     let gvk = GroupVersionKind::gvk("kubebao.io", "v1alpha1", "KubeBaoInstallation");
     Api::all_with(client, &ApiResource::from_gvk(&gvk))
-}
-
-fn condition(obj: &DynamicObject, type_: &str) -> Option<(String, String, String)> {
-    let c = obj.data["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)?;
-    let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
-    Some((s("status"), s("reason"), s("message")))
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {

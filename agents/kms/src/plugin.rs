@@ -569,8 +569,10 @@ mod tests {
             .expect_err("OpenBao down");
         assert_eq!(e.code(), Code::Unavailable, "{e:?}");
         assert!(matches!(plugin.health(), Health::Unreachable(_)));
-        // Down long enough for the re-check backoff to reach its longest pause.
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // The outage itself (what the test is about, not a wait for a condition): long enough
+        // for the re-check backoff (250 ms, 500 ms, then RECHECK_MAX) to reach its longest pause.
+        let outage = RECHECK_FIRST + RECHECK_FIRST * 2 + RECHECK_MAX * 2;
+        tokio::time::sleep(outage).await;
         assert!(matches!(plugin.health(), Health::Unreachable(_)));
 
         fake.resume().await;

@@ -282,9 +282,20 @@ async fn leases_are_renewed_in_the_background_and_kept() {
     bao.lease_seconds = 6;
     let b = bed(bao, kube).await;
     let first = db_user(&b).await;
-    // No Mount for longer than the lease: only the background renewal (due at 4 s) keeps it.
-    tokio::time::sleep(Duration::from_secs(7)).await;
-    assert!(b.bao.lock().unwrap().renewals >= 1);
+    // No Mount for longer than the lease: only the background renewals (due every 4 s) keep
+    // it. The second one comes after the 6 s lease would have ended without them.
+    let started = std::time::Instant::now();
+    while b.bao.lock().unwrap().renewals < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no second background renewal within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        started.elapsed() > Duration::from_secs(6),
+        "renewed before the lease ended"
+    );
     assert_eq!(db_user(&b).await, first, "the renewed lease is served");
     let bao = b.bao.lock().unwrap();
     assert_eq!(bao.reads, 1);
