@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use kubebao_testbed::node_image::upstream_csi_driver_chart;
-use kubebao_testbed::{Binaries, Testbed};
+use kubebao_testbed::{Binaries, Testbed, TestbedOptions};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -251,7 +251,13 @@ fn helm_on(bed: &Testbed, args: &[&str]) -> Result<String, String> {
 
 #[tokio::test]
 async fn kubebao_chart_installs_next_to_the_upstream_driver_chart() {
-    let bed = Testbed::shared().await;
+    // A bed of its own: real installs and uninstalls of cluster-wide objects (the CSIDriver,
+    // ClusterRoles) would race the other tests' dry runs of the same objects.
+    let bed = &Testbed::start(TestbedOptions {
+        controller_manager: false,
+        openbao: false,
+    })
+    .await;
     let upstream = upstream_csi_driver_chart();
     let upstream = upstream.to_str().expect("path");
     // The driver's own chart owns the CSIDriver; KubeBao's audience goes into its tokenRequests,
