@@ -274,6 +274,14 @@ pub(crate) fn restore(saved: &Saved) -> HostState {
     kill_node_processes(&saved.dir);
     unmount_new(before, &saved.dir);
     let now = HostState::capture();
+    // A pod's host-side veth outlives its killed sandbox until the kernel tears the network
+    // namespace down, which it does in the background: delete it now so the host is restored
+    // when this returns. It may vanish on its own meanwhile, so a failure here is not one.
+    for link in now.links.difference(&before.links) {
+        if link.starts_with("veth") {
+            let _ = Command::new("ip").args(["link", "delete", link]).output();
+        }
+    }
     if now.links.contains(BRIDGE) && !before.links.contains(BRIDGE) {
         run("ip", &["link", "delete", BRIDGE]);
     }
