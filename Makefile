@@ -31,8 +31,14 @@ lint: ## Clippy with warnings as errors
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 .PHONY: test
-test: testbed fmt-check lint ## Everything: set up the test bed, then unit and end-to-end tests
-	$(CARGO) test --workspace --no-fail-fast
+# Every test bed's API server audit log lands here; kubebao-rbac-audit then checks that KubeBao's
+# RBAC grants exactly what the suite used (docs/security.md, "Least privilege, measured").
+AUDIT_DIR := $(CURDIR)/target/rbac-audit
+
+test: testbed fmt-check lint ## Everything: set up the test bed, then unit and end-to-end tests, then RBAC measured
+	rm -rf "$(AUDIT_DIR)" && mkdir -p "$(AUDIT_DIR)"
+	KUBEBAO_AUDIT_DIR="$(AUDIT_DIR)" $(CARGO) test --workspace --no-fail-fast
+	$(CARGO) run -q -p kubebao-testbed --bin kubebao-rbac-audit -- "$(AUDIT_DIR)"
 
 .PHONY: demo
 demo: testbed ## Run KubeBao end to end on a local test bed until Ctrl-C

@@ -4,6 +4,7 @@
 mod roles;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -115,6 +116,7 @@ fn backoff_key(bp: &BaoPolicy) -> String {
 }
 
 async fn apply(bp: Arc<BaoPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
     let key = backoff_key(&bp);
     let previous = bp.status.clone().unwrap_or_default();
     let result = converge(&bp, &ctx, &previous).await;
@@ -144,6 +146,9 @@ async fn apply(bp: Arc<BaoPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
     };
     ctx.count_cached();
     ctx.metrics.reconciled("BaoPolicy", outcome.result());
+    let elapsed = started.elapsed();
+    ctx.metrics
+        .observe_sync("BaoPolicy", "", &bp.name_any(), elapsed, outcome.is_ready());
     if conditions::ready_changed(&previous.conditions, &outcome) {
         tracing::info!(baopolicy = %bp.name_any(), reason = outcome.reason(), message = outcome.message(), "BaoPolicy condition");
         let note = outcome.message().to_string();
@@ -432,10 +437,12 @@ async fn write_policy(
         .map_err(|e| bao_outcome(&format!("cannot write policy {name}"), &e))
 }
 
-/// Removes what `bp` owns from OpenBao (unless `Retain`), then forgets its failure count.
+/// Removes what `bp` owns from OpenBao (unless `Retain`), then forgets its failure count and
+/// metrics.
 async fn cleanup(bp: Arc<BaoPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
     let action = remove_from_openbao(&bp, &ctx).await?;
     ctx.succeeded(&backoff_key(&bp));
+    ctx.metrics.forget("BaoPolicy", "", &bp.name_any());
     ctx.count_cached();
     Ok(action)
 }

@@ -192,6 +192,7 @@ fn run_installations(
         operator,
         Some(identity),
         ctx.recorder.clone(),
+        ctx.metrics.clone(),
         stopped(stop),
     ))
 }

@@ -8,9 +8,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{PodTemplateSpec, Secret};
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams,
 };
@@ -66,7 +66,10 @@ fn start_operator(bed: &Testbed, n: usize, token_file: &std::path::Path) -> Oper
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let kubeconfig = bed.kubeconfig().display().to_string();
+    let kubeconfig = bed
+        .operator_kubeconfig("kubebao-system")
+        .display()
+        .to_string();
     let process = Component::start_with_env(
         &format!("kubebao-operator-{n}"),
         bed.dir(),
@@ -396,6 +399,27 @@ spec:
     metadata: {{labels: {{app: web}}}}
     spec: {{containers: [{{name: c, image: busybox}}]}}
 ---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {{name: db, namespace: {ns}}}
+spec:
+  replicas: 0
+  serviceName: db
+  selector: {{matchLabels: {{app: db}}}}
+  template:
+    metadata: {{labels: {{app: db}}}}
+    spec: {{containers: [{{name: c, image: busybox}}]}}
+---
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {{name: agent, namespace: {ns}}}
+spec:
+  selector: {{matchLabels: {{app: agent}}}}
+  template:
+    metadata: {{labels: {{app: agent}}}}
+    # No node matches: the DaemonSet exists, no pod runs.
+    spec: {{nodeSelector: {{no-such-node: "true"}}, containers: [{{name: c, image: busybox}}]}}
+---
 apiVersion: kubebao.io/v1alpha1
 kind: BaoSecret
 metadata: {{name: app, namespace: {ns}}}
@@ -408,7 +432,10 @@ spec:
     type: Opaque
     labels: {{team: a}}
     annotations: {{note: hi}}
-  rolloutRestartTargets: [{{kind: Deployment, name: web}}]
+  rolloutRestartTargets:
+    - {{kind: Deployment, name: web}}
+    - {{kind: StatefulSet, name: db}}
+    - {{kind: DaemonSet, name: agent}}
 "#
     ));
     let bs = baosecrets(bed, &ns).await;
@@ -513,6 +540,25 @@ spec:
     wait_for("the Deployment restarted", WAIT, || async {
         restarted(deployments.get("web").await.map_err(|e| e.to_string())?)
             .ok_or("no restartedAt".to_string())
+    })
+    .await;
+    // Every kind of target restarts the same way (pod template annotation).
+    let client = bed.client().await;
+    let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    let daemonsets: Api<DaemonSet> = Api::namespaced(client, &ns);
+    let annotation = |t: Option<PodTemplateSpec>| {
+        t.and_then(|t| t.metadata)
+            .and_then(|m| m.annotations)
+            .and_then(|a| a.get("kubebao.io/restartedAt").cloned())
+    };
+    wait_for("the StatefulSet restarted", WAIT, || async {
+        let sts = statefulsets.get("db").await.map_err(|e| e.to_string())?;
+        annotation(sts.spec.map(|s| s.template)).ok_or("no restartedAt".to_string())
+    })
+    .await;
+    wait_for("the DaemonSet restarted", WAIT, || async {
+        let ds = daemonsets.get("agent").await.map_err(|e| e.to_string())?;
+        annotation(ds.spec.map(|s| s.template)).ok_or("no restartedAt".to_string())
     })
     .await;
 }

@@ -96,7 +96,7 @@ async fn flux_and_argocd_see_synced_objects_healthy_and_failing_ones_degraded() 
 
     let token_file = bed.dir().join("gitops-operator-token");
     std::fs::write(&token_file, bao.root_token().expose()).expect("token file");
-    let kubeconfig = bed.kubeconfig().display().to_string();
+    let kubeconfig = bed.operator_kubeconfig("default").display().to_string();
     let port = free_port();
     let mut operator = Component::start_with_env(
         "kubebao-operator-gitops",

@@ -73,7 +73,7 @@ async fn the_operator_logs_in_as_its_service_account_and_keeps_working_past_its_
     .expect("token file");
     bed.install_crds();
 
-    let kubeconfig = bed.kubeconfig().display().to_string();
+    let kubeconfig = bed.operator_kubeconfig(&ns).display().to_string();
     let mut operator = Component::start_with_env(
         "kubebao-operator-identity",
         bed.dir(),
@@ -191,7 +191,7 @@ async fn a_token_for_the_api_server_never_reaches_openbao() {
     std::fs::write(&jwt, &api_token).expect("token file");
     bed.install_crds();
 
-    let kubeconfig = bed.kubeconfig().display().to_string();
+    let kubeconfig = bed.operator_kubeconfig(&ns).display().to_string();
     let mut operator = Component::start_with_env(
         "kubebao-operator-refused",
         bed.dir(),

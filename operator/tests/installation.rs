@@ -82,7 +82,7 @@ async fn one_installation_prepares_openbao_installs_the_plugin_and_encrypts_etcd
     let token_file = bed.dir().join("installation-operator-token");
     std::fs::write(&token_file, root.expose()).unwrap();
     let metrics_port = free_port();
-    let kubeconfig = bed.kubeconfig().display().to_string();
+    let kubeconfig = bed.operator_kubeconfig("kube-system").display().to_string();
     let mut operator = Component::start_with_env(
         "kubebao-operator-installation",
         bed.dir(),

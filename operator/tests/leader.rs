@@ -62,7 +62,7 @@ async fn start_operator(bed: &Testbed, n: usize) -> Operator {
         format!("--lease-duration={LEASE_SECONDS}s"),
         "--policy-resync=2s".into(),
     ];
-    let kubeconfig = bed.kubeconfig().display().to_string();
+    let kubeconfig = bed.operator_kubeconfig(NS).display().to_string();
     let mut process = Component::start_with_env(
         &format!("kubebao-operator-leader-{n}"),
         bed.dir(),

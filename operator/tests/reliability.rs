@@ -62,7 +62,10 @@ fn start_operator(bed: &Testbed, n: usize, token_file: &std::path::Path) -> Oper
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let kubeconfig = bed.kubeconfig().display().to_string();
+    let kubeconfig = bed
+        .operator_kubeconfig("kubebao-system")
+        .display()
+        .to_string();
     let process = Component::start_with_env(
         &format!("kubebao-operator-{n}"),
         bed.dir(),

@@ -87,7 +87,7 @@ async fn setup() -> &'static Setup {
             .iter()
             .map(|s| s.to_string())
             .collect();
-            let kubeconfig = bed.kubeconfig().display().to_string();
+            let kubeconfig = bed.operator_kubeconfig("kubebao-system").display().to_string();
             let mut operator = Component::start_with_env(
                 "kubebao-operator-boundary",
                 bed.dir(),

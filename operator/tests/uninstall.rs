@@ -260,7 +260,7 @@ async fn rewrites_skip_no_secret_and_kms_is_removed_only_after_migrating_off() {
 
     let token_file = bed.dir().join("uninstall-operator-token");
     std::fs::write(&token_file, root.expose()).unwrap();
-    let kubeconfig = bed.kubeconfig().display().to_string();
+    let kubeconfig = bed.operator_kubeconfig("kube-system").display().to_string();
     let mut operator = Component::start_with_env(
         "kubebao-operator-uninstall",
         bed.dir(),

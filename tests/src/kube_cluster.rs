@@ -36,6 +36,9 @@ impl ApiServerSpec {
             "--service-cluster-ip-range=10.96.0.0/16".into(),
             "--allow-privileged=true".into(),
             "--authorization-mode=Node,RBAC".into(),
+            // As OpenShift and hardened clusters run: setting blockOwnerDeletion on an owned
+            // object needs `update` on the owner's finalizers, which the operator's RBAC grants.
+            "--enable-admission-plugins=OwnerReferencesPermissionEnforcement".into(),
             "--service-account-issuer=https://kubernetes.default.svc".into(),
             format!("--service-account-key-file={}", p.sa_public_key.display()),
             format!(
@@ -52,6 +55,7 @@ impl ApiServerSpec {
             "--profiling=false".into(),
             "--v=1".into(),
         ];
+        args.extend(crate::rbac::audit_args(&self.dir));
         if let Some(cfg) = encryption_config {
             args.push(format!("--encryption-provider-config={}", cfg.display()));
             args.push("--encryption-provider-config-automatic-reload=true".into());
@@ -61,6 +65,7 @@ impl ApiServerSpec {
 
     /// Starts the API server and waits until `/readyz` says ok.
     pub async fn start(&self, encryption_config: Option<&Path>, kubeconfig: &Path) -> Component {
+        crate::rbac::record_apiserver(&self.dir, "starting");
         let mut component = Component::start(
             "kube-apiserver",
             &self.dir,
@@ -84,6 +89,7 @@ impl ApiServerSpec {
             }
         })
         .await;
+        crate::rbac::record_apiserver(&self.dir, "ready");
         component
     }
 }
@@ -91,6 +97,21 @@ impl ApiServerSpec {
 /// Writes an admin kubeconfig (certificates inline) for the API server at `url`.
 pub(crate) fn write_kubeconfig(path: &Path, url: &str, pki: &Pki) {
     let read = |p: &PathBuf| B64.encode(std::fs::read(p).expect("read PKI file"));
+    let user = format!(
+        "client-certificate-data: {}\n    client-key-data: {}",
+        read(&pki.admin_cert),
+        read(&pki.admin_key)
+    );
+    write_kubeconfig_for(path, url, pki, &user);
+}
+
+/// Writes a kubeconfig that authenticates with a bearer `token` (a ServiceAccount's).
+pub(crate) fn write_token_kubeconfig(path: &Path, url: &str, pki: &Pki, token: &str) {
+    write_kubeconfig_for(path, url, pki, &format!("token: {token}"));
+}
+
+fn write_kubeconfig_for(path: &Path, url: &str, pki: &Pki, user: &str) {
+    let ca = B64.encode(std::fs::read(&pki.ca_cert).expect("read PKI file"));
     let yaml = format!(
         "apiVersion: v1
 kind: Config
@@ -102,18 +123,14 @@ clusters:
 users:
 - name: admin
   user:
-    client-certificate-data: {cert}
-    client-key-data: {key}
+    {user}
 contexts:
 - name: testbed
   context:
     cluster: testbed
     user: admin
 current-context: testbed
-",
-        ca = read(&pki.ca_cert),
-        cert = read(&pki.admin_cert),
-        key = read(&pki.admin_key),
+"
     );
     std::fs::write(path, yaml).expect("write kubeconfig");
 }

@@ -25,6 +25,7 @@ mod openbao_ha;
 mod paths;
 mod pki;
 mod process;
+pub mod rbac;
 mod testbed;
 mod wait;
 

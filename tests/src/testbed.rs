@@ -18,13 +18,28 @@ use crate::etcd::{Etcd, RawEtcd};
 use crate::kube_cluster::{ApiServerSpec, start_controller_manager, write_kubeconfig};
 use crate::{Binaries, Component, OpenBaoServer, Pki, wait_for};
 
-/// A free TCP port on 127.0.0.1 (the OS picks; a tiny race with other processes is accepted).
+/// A free TCP port on 127.0.0.1 for a server the test bed starts. Taken below the kernel's
+/// ephemeral range, where the OS would pick: there, any outgoing connection of a busy machine may
+/// take the port between this check and the server's bind ("address already in use"). Each call
+/// in this process gets a different port; other processes start elsewhere (by pid).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind free port")
-        .local_addr()
-        .expect("addr")
-        .port()
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    // Above the ports a node uses (kubelet 10248/10250, scheduler 10259, …).
+    let (low, high) = (11_000u32, ephemeral_start.max(11_001));
+    let span = high - low;
+    let start = std::process::id().wrapping_mul(7919);
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = u16::try_from(low + start.wrapping_add(n) % span).expect("port range");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free TCP port on 127.0.0.1 between {low} and {high}")
 }
 
 /// Builds a client from a kubeconfig file.

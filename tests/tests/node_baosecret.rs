@@ -51,7 +51,10 @@ async fn start_operator(bed: &Testbed, bin: &std::path::Path) -> Component {
     bed.install_crds();
     let _ = bed.try_kubectl(&["create", "namespace", "kubebao-system"], "");
     let port = free_port();
-    let kubeconfig = bed.kubeconfig().display().to_string();
+    let kubeconfig = bed
+        .operator_kubeconfig("kubebao-system")
+        .display()
+        .to_string();
     let mut operator = Component::start_with_env(
         "kubebao-operator",
         bed.dir(),

@@ -293,6 +293,8 @@ async fn helm_install_runs_the_operator_pods_which_elect_a_leader_and_hand_over(
     // Token requests only where a namespace opts in (rbac.tokenNamespaces).
     tenant(bed, ENABLED_NS).await;
     tenant(bed, OTHER_NS).await;
+    // The chart's operator pods, for kubebao-rbac-audit (least privilege, measured).
+    bed.record_operator_identity(&format!("system:serviceaccount:{NS}:{RELEASE}"));
     let started = Instant::now();
     helm(
         bed,
@@ -353,6 +355,9 @@ async fn helm_install_runs_the_operator_pods_which_elect_a_leader_and_hand_over(
     // The Deployment replaces the deleted pod; one of the two waits as the standby.
     ready_operator_pods(&pods, 2).await;
 
+    // helm deletes the Deployment and the RBAC together: a stopping pod's last Lease calls
+    // may be refused, which kubebao-rbac-audit must not count as missing RBAC.
+    bed.record_uninstall(&format!("system:serviceaccount:{NS}:{RELEASE}"));
     helm(bed, &["uninstall", RELEASE, "--namespace", NS, "--wait"]);
     drop(_print);
     let after = node.stop();

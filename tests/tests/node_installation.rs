@@ -44,7 +44,7 @@ async fn status(api: &Api<DynamicObject>) -> Result<Value, String> {
 fn start_operator(bed: &Testbed, bin: &Path) -> Component {
     let token_file = bed.dir().join("node-installation-operator-token");
     std::fs::write(&token_file, bed.openbao().root_token().expose()).expect("token file");
-    let kubeconfig = bed.kubeconfig().display().to_string();
+    let kubeconfig = bed.operator_kubeconfig(NS).display().to_string();
     Component::start_with_env(
         "kubebao-operator-node-installation",
         bed.dir(),

@@ -6,7 +6,7 @@
 //! then the plugin stays installed, through deletion or `kms.enabled: false`.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use futures::future::BoxFuture;
@@ -27,6 +27,10 @@ use crate::installation::types::{FINALIZER, KubeBaoInstallation, KubeBaoInstalla
 use crate::installation::verdict::Verdict;
 use crate::installation::{migration, notices, rewrite, rollout, uninstall};
 use crate::lenient::{self, Lenient};
+use crate::metrics::Metrics;
+
+/// The `kind` label of this controller's metrics.
+const KIND: &str = "KubeBaoInstallation";
 
 /// Fetches the operator's own OpenBao token (its leader-wide identity).
 pub type TokenFn = Arc<dyn Fn() -> BoxFuture<'static, Result<SecretString, String>> + Send + Sync>;
@@ -64,6 +68,8 @@ pub struct Ctx {
     pub(super) logins: Logins,
     /// Rotation requests acted on and key_ids seen (see `rotation`).
     pub(super) rotations: Rotations,
+    /// Where reconciles are counted and timed.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Ctx {
@@ -81,6 +87,7 @@ impl Ctx {
             recorder,
             logins: Logins::new(Default::default()),
             rotations: Default::default(),
+            metrics: Default::default(),
         }
     }
 }
@@ -93,15 +100,19 @@ pub enum Error {
     Kube(#[from] kube::Error),
 }
 
-/// Runs the controller until `shutdown` resolves.
+/// Runs the controller until `shutdown` resolves, counting and timing reconciles in `metrics`.
 pub async fn run(
     client: Client,
     operator: Operator,
     fallback: Option<OperatorIdentity>,
     recorder: Recorder,
+    metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let ctx = Arc::new(Ctx::new(client.clone(), operator, fallback, recorder));
+    let ctx = Arc::new(Ctx {
+        metrics,
+        ..Ctx::new(client.clone(), operator, fallback, recorder)
+    });
     let managed =
         watcher::Config::default().labels("app.kubernetes.io/managed-by=kubebao-operator");
     Controller::new(
@@ -160,33 +171,57 @@ pub(super) async fn patch_status(
     Ok(())
 }
 
-/// Reconciles one KubeBaoInstallation.
+/// How a reconcile of a valid installation ended, for the metrics.
+enum Ended {
+    /// Installed or tried to: `ready` when the outcome was Ready.
+    Synced { ready: bool },
+    /// Being uninstalled: the object is going.
+    Removing,
+}
+
+/// Reconciles one KubeBaoInstallation, timing it (an error counts as not Ready).
 pub async fn reconcile(
     obj: Arc<Lenient<KubeBaoInstallation>>,
     ctx: Arc<Ctx>,
 ) -> Result<Action, Error> {
-    match lenient::parsed(&ctx.client, &obj).await? {
-        Some(o) => reconcile_valid(o, ctx).await,
-        None => Ok(Action::await_change()),
+    let Some(obj) = lenient::parsed(&ctx.client, &obj).await? else {
+        return Ok(Action::await_change());
+    };
+    let started = Instant::now();
+    let name = obj.name_any();
+    let ended = reconcile_valid(obj, ctx.clone()).await;
+    let (metrics, elapsed) = (&ctx.metrics, started.elapsed());
+    match &ended {
+        Ok((_, Ended::Removing)) => metrics.forget(KIND, "", &name),
+        Ok((_, Ended::Synced { ready })) => metrics.observe_sync(KIND, "", &name, elapsed, *ready),
+        Err(_) => metrics.observe_sync(KIND, "", &name, elapsed, false),
     }
+    ended.map(|(action, _)| action)
 }
 
-async fn reconcile_valid(obj: Arc<KubeBaoInstallation>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+async fn reconcile_valid(
+    obj: Arc<KubeBaoInstallation>,
+    ctx: Arc<Ctx>,
+) -> Result<(Action, Ended), Error> {
     let name = obj.name_any();
     let api: Api<KubeBaoInstallation> = Api::all(ctx.client.clone());
     let status = obj.status.clone().unwrap_or_default();
     let deleting = obj.metadata.deletion_timestamp.is_some();
     let in_use = migration::plugin_in_use(&obj.spec, &status);
     if deleting && !in_use {
-        return uninstall::cleanup(&obj, &ctx, &api, status).await;
+        let action = uninstall::cleanup(&obj, &ctx, &api, status).await?;
+        return Ok((action, Ended::Removing));
     }
     let in_charge = installation_in_charge(&ctx.client).await?;
     if in_charge.as_deref() != Some(name.as_str()) {
         let mut v = Verdict::default();
         let other = in_charge.unwrap_or_default();
         v.stall("Conflict", format!("KubeBaoInstallation {other:?} already installs KubeBao in this cluster; only one takes effect. Delete this one or {other:?}"));
-        finish(&ctx, &obj, &api, v, status).await?;
-        return Ok(Action::requeue(Duration::from_secs(300)));
+        let ready = finish(&ctx, &obj, &api, v, status).await?;
+        return Ok((
+            Action::requeue(Duration::from_secs(300)),
+            Ended::Synced { ready },
+        ));
     }
     if !deleting {
         ensure_finalizer(&obj, &api).await?;
@@ -214,18 +249,19 @@ async fn reconcile_valid(obj: Arc<KubeBaoInstallation>, ctx: Arc<Ctx>) -> Result
         }
         None => obj,
     };
-    let requeue = install(&ctx, &obj, v, status).await?;
-    Ok(Action::requeue(requeue))
+    let (requeue, ready) = install(&ctx, &obj, v, status).await?;
+    Ok((Action::requeue(requeue), Ended::Synced { ready }))
 }
 
 /// The installing steps of one reconcile (OpenBao, the two components, the rewrite after a
-/// rotation, the migration off KMS), then the status. Returns when to come back.
+/// rotation, the migration off KMS), then the status. Returns when to come back, and whether
+/// the installation is Ready.
 async fn install(
     ctx: &Ctx,
     obj: &KubeBaoInstallation,
     mut v: Verdict,
     mut status: KubeBaoInstallationStatus,
-) -> Result<Duration, Error> {
+) -> Result<(Duration, bool), Error> {
     let api: Api<KubeBaoInstallation> = Api::all(ctx.client.clone());
     let spec = &obj.spec;
     openbao::refuse_foreign_secrets(spec, &ctx.operator.namespace, &mut v);
@@ -264,8 +300,8 @@ async fn install(
     {
         requeue = requeue.min(next);
     }
-    finish(ctx, obj, &api, v, status).await?;
-    Ok(requeue)
+    let ready = finish(ctx, obj, &api, v, status).await?;
+    Ok((requeue, ready))
 }
 
 /// The installation that takes effect: one per cluster, the oldest (then by name); one being
@@ -317,23 +353,31 @@ pub(super) async fn set_finalizers(
     Ok(())
 }
 
-/// Turns the verdict into conditions, writes the status, then publishes an Event for each
-/// change worth one (after the write, so a failed write does not publish twice).
+/// Turns the verdict into conditions, counts the reconcile, writes the status, then publishes
+/// an Event for each change worth one (after the write, so a failed write does not publish
+/// twice). Returns whether the installation is Ready.
 async fn finish(
     ctx: &Ctx,
     obj: &KubeBaoInstallation,
     api: &Api<KubeBaoInstallation>,
     v: Verdict,
     mut status: KubeBaoInstallationStatus,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     let generation = obj.metadata.generation;
-    v.apply(&mut status, generation);
+    let ready = v.apply(&mut status, generation);
+    let reason = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map_or("Unknown", |c| c.reason.as_str());
+    ctx.metrics
+        .reconciled(KIND, if ready { "ok" } else { reason });
     status.observed_generation = generation;
     patch_status(api, &obj.name_any(), &status).await?;
     let before = obj.status.clone().unwrap_or_default();
     let changes = notices::notices(&obj.spec, &before, &status);
     notices::publish(&ctx.recorder, obj, changes).await;
-    Ok(())
+    Ok(ready)
 }
 
 #[cfg(test)]
