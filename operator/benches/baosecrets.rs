@@ -1,161 +1,293 @@
-//! Operator benchmark on the test bed (not a test): N BaoSecrets over N KV v2 paths.
+//! Operator benchmark on the test bed (not a test): N BaoSecrets over N KV v2 paths, spread
+//! over tenants as on a real cluster, measured against the scale goals (PASS/FAIL).
 //!
-//! Run: `cargo bench -p kubebao-operator --bench baosecrets` (N=1000; `KUBEBAO_BENCH_N=200` for a
-//! quicker run). Reports, side by side with a baseline measured in the same run:
-//! - time from apply until all Ready, against the bare work (N KV reads with one token and N
-//!   Secret writes from one client, same concurrency) → ratio;
-//! - operator RSS (VmRSS) at steady state;
-//! - OpenBao requests and Secret writes during one refresh interval with nothing changed.
+//! Run: `cargo bench -p kubebao-operator --bench baosecrets` (bench profile: the operator and
+//! this benchmark are release builds; N = 1000). `KUBEBAO_BENCH_N=10000` for the scale goals,
+//! `=200` for a quick run. `KUBEBAO_BENCH_REFRESH_SECS` sets the refresh interval (default 30 s
+//! per 1,000 BaoSecrets: the same refresh rate at every N). The operator's own variables
+//! (`KUBEBAO_CONCURRENCY`, `RUST_LOG`) pass through.
+//!
+//! Layout: one tenant per 100 BaoSecrets, each with its own namespace, ServiceAccount `app`,
+//! OpenBao policy (its own KV paths and their metadata) and Kubernetes-auth role (named after
+//! the namespace: the BaoSecret default). Reports:
+//! - time from apply until all Ready, against the bare work measured in the same run (per
+//!   tenant a TokenRequest and a login, then N KV reads and N Secret creates from one client
+//!   at the same concurrency) → ratio;
+//! - operator memory (VmRSS; VmHWM = peak): idle, all Ready, after a refresh interval;
+//! - one refresh interval with nothing changed: OpenBao requests (OpenBao's audit log and the
+//!   operator's metric), Secret writes, API server requests;
+//! - CPU seconds of every process in each phase: where the time goes.
 
+mod support;
+
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, stream};
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, PostParams,
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, ObjectMeta,
+    PostParams,
 };
-use kubebao_openbao::SecretString;
+use kubebao_openbao::{Credentials, SecretString};
 use kubebao_testbed::{Component, Testbed, TestbedOptions, free_port, wait_for};
 use reqwest::Method;
 use serde_json::json;
+use support::{Memory, Scrape, mib};
 
+/// Requests in flight while setting up and in the baseline (the operator has its own bound).
 const CONCURRENCY: usize = 32;
-const REFRESH: &str = "30s";
+/// BaoSecrets per tenant namespace.
+const PER_TENANT: usize = 100;
+/// The ServiceAccount each tenant's BaoSecrets read OpenBao as.
+const TENANT_SA: &str = "app";
+/// Goal: every BaoSecret Ready this long after the apply started.
+const READY_GOAL: Duration = Duration::from_secs(300);
+/// Goal: operator RSS at steady state below this.
+const RSS_GOAL_MIB: f64 = 128.0;
 
-async fn metric(url: &str, prefix: &str) -> f64 {
-    let Ok(resp) = reqwest::get(url).await else {
-        return f64::NAN;
-    };
-    resp.text()
-        .await
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+/// Which tenant and KV path each BaoSecret has.
+struct Layout {
+    n: usize,
+    tenants: Vec<String>,
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+impl Layout {
+    /// BaoSecret `i`: namespace and name (also its Secret's name and its KV path's last segment).
+    fn item(&self, i: usize) -> (&str, String) {
+        (&self.tenants[i / PER_TENANT], format!("s{i}"))
+    }
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 #[tokio::main]
 async fn main() {
-    let n: usize = std::env::var("KUBEBAO_BENCH_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1000);
+    let n: usize = env_or("KUBEBAO_BENCH_N", 1000);
+    let default_refresh = 30 * n.div_ceil(1000).max(1) as u64;
+    let refresh = Duration::from_secs(env_or("KUBEBAO_BENCH_REFRESH_SECS", default_refresh));
     let bed = Testbed::start(TestbedOptions::default()).await;
+    let kube = bed.client().await;
+    eprintln!("test bed in {}", bed.dir().display());
+
+    let started = Instant::now();
+    let layout = Layout {
+        n,
+        tenants: tenants(&bed, n.div_ceil(PER_TENANT)).await,
+    };
+    write_kv(&bed, &layout).await;
+    let setup = started.elapsed();
+    eprintln!("set-up took {:.1} s", setup.as_secs_f64());
+    let baseline = baseline(&bed, &kube, &layout).await;
+    eprintln!("baseline took {:.1} s", baseline.as_secs_f64());
+
+    let (mut operator, metrics) = start_operator(&bed).await;
+    let pid = operator.pid().expect("operator pid");
+    let processes = support::processes(bed.dir(), pid);
+    let idle = support::memory(pid);
+    let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "kubebao.io",
+        "v1alpha1",
+        "BaoSecret",
+    ));
+    let start = Instant::now();
+    let cpu_start = support::cpu_snapshot(&processes);
+    let watch = support::ReadyWatch::start(Api::all_with(kube.clone(), &ar), n, start);
+    apply(&kube, &ar, &layout, refresh).await;
+    let applied = start.elapsed();
+    eprintln!("apply took {:.1} s", applied.as_secs_f64());
+    let timeout = READY_GOAL * 2 + Duration::from_millis(60 * n as u64);
+    let (marks, ready) = watch.wait(n, timeout).await;
+    let cpu_ready = support::cpu_snapshot(&processes);
+    let at_ready = support::memory(pid);
+    eprintln!("{ready}/{n} Ready; measuring one refresh interval ({refresh:?})");
+
+    let window = refresh_window(&bed, &kube, &metrics, &layout, refresh, &processes).await;
+    let steady = support::memory(pid);
+    operator.stop();
+
+    let bench = Figures {
+        n,
+        tenants: layout.tenants.len(),
+        refresh,
+        setup,
+        baseline,
+        applied,
+        marks,
+        ready,
+        cpu_ready: support::cpu_used(&processes, &cpu_start, &cpu_ready),
+        memory: [idle, at_ready, steady],
+        window,
+    };
+    bench.print();
+}
+
+/// One tenant per `PER_TENANT` BaoSecrets: namespace, ServiceAccount, policy, role.
+async fn tenants(bed: &Testbed, count: usize) -> Vec<String> {
     bed.enable_kubernetes_auth().await;
-    let bao = bed.openbao();
-    bao.enable_engine("secret", "kv", Some(2)).await;
+    bed.openbao().enable_engine("secret", "kv", Some(2)).await;
+    stream::iter(0..count)
+        .map(|_| tenant(bed))
+        .buffered(8)
+        .collect()
+        .await
+}
+
+async fn tenant(bed: &Testbed) -> String {
     let ns = bed.namespace("bench").await;
+    bed.service_account(&ns, TENANT_SA).await;
+    let bao = bed.openbao();
     let policy = format!(
         "path \"secret/data/{ns}/*\" {{ capabilities = [\"read\"] }}\npath \"secret/metadata/{ns}/*\" {{ capabilities = [\"read\"] }}\n"
     );
+    let body = json!({"policy": policy});
+    bao.root(Method::POST, &format!("sys/policies/acl/{ns}"), Some(body))
+        .await;
+    let role = json!({
+        "bound_service_account_names": [TENANT_SA],
+        "bound_service_account_namespaces": [ns],
+        "token_policies": [ns],
+        "token_ttl": "1h",
+    });
     bao.root(
         Method::POST,
-        "sys/policies/acl/bench",
-        Some(json!({"policy": policy})),
+        &format!("auth/kubernetes/role/{ns}"),
+        Some(role),
     )
     .await;
-    bao.root(Method::POST, &format!("auth/kubernetes/role/{ns}"), Some(json!({"bound_service_account_names": ["default"], "bound_service_account_namespaces": [ns], "token_policies": ["bench"], "token_ttl": "1h"}))).await;
-    bao.root(Method::POST, "sys/policies/acl/kubebao-operator", Some(json!({"policy": "path \"sys/policies/acl/*\" { capabilities = [\"create\", \"read\", \"update\", \"delete\"] }"}))).await;
-    let token = bao
-        .root(
-            Method::POST,
-            "auth/token/create",
-            Some(json!({"policies": ["kubebao-operator"], "ttl": "2h"})),
-        )
-        .await
-        .unwrap()["auth"]["client_token"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let token_file = bed.dir().join("operator-token");
-    std::fs::write(&token_file, token).unwrap();
+    ns
+}
 
-    let client = bao.client();
-    let root = bao.root_token().clone();
-    stream::iter(0..n)
+/// The N KV v2 secrets, written as root.
+async fn write_kv(bed: &Testbed, layout: &Layout) {
+    let (client, root) = (bed.openbao().client(), bed.openbao().root_token());
+    stream::iter(0..layout.n)
         .for_each_concurrent(CONCURRENCY, |i| {
-            let (client, root, ns) = (client.clone(), root.clone(), ns.clone());
+            let client = client.clone();
+            let (ns, name) = layout.item(i);
             async move {
-                let data = json!({"user": format!("u{i}"), "pass": format!("p{i}")})
-                    .as_object()
-                    .unwrap()
-                    .clone();
+                let data = json!({"user": format!("u{i}"), "pass": format!("p{i}")});
+                let data = data.as_object().expect("object").clone();
                 client
-                    .kv2_write(&root, "secret", &format!("{ns}/s{i}"), &data)
+                    .kv2_write(root, "secret", &format!("{ns}/{name}"), &data)
                     .await
                     .expect("kv write");
             }
         })
         .await;
-    bed.service_account(&ns, "default").await;
-    let kube = bed.client().await;
+}
 
-    // Baseline: the bare work the operator must do, from one process with one token.
-    let reader = bao.client();
-    let sa_token = bed
-        .service_account_token(&ns, "default", "openbao", 3600)
-        .await;
-    let auth = reader
-        .login(&kubebao_openbao::Credentials::Kubernetes {
-            mount: "kubernetes".into(),
-            role: ns.clone(),
-            jwt: SecretString::new(sa_token),
-        })
+/// A tenant's OpenBao token: TokenRequest for its ServiceAccount, then a Kubernetes-auth login.
+async fn login(kube: &kube::Client, bao: &kubebao_openbao::OpenBao, ns: &str) -> SecretString {
+    let req = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec!["openbao".into()],
+            expiration_seconds: Some(600),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let jwt = Api::<ServiceAccount>::namespaced(kube.clone(), ns)
+        .create_token_request(TENANT_SA, &PostParams::default(), &req)
         .await
-        .expect("login");
-    let secrets: Api<Secret> = Api::namespaced(kube.clone(), &ns);
+        .expect("TokenRequest")
+        .status
+        .expect("token")
+        .token;
+    let credentials = Credentials::Kubernetes {
+        mount: "kubernetes".into(),
+        role: ns.into(),
+        jwt: SecretString::new(jwt),
+    };
+    bao.login(&credentials).await.expect("login").client_token
+}
+
+/// The bare work, timed: a login per tenant, then N KV reads and N Secret creates from one
+/// client. Its Secrets are deleted afterwards.
+async fn baseline(bed: &Testbed, kube: &kube::Client, layout: &Layout) -> Duration {
+    let reader = bed.openbao().client();
     let start = Instant::now();
-    stream::iter(0..n)
+    let tokens: HashMap<&str, SecretString> = stream::iter(&layout.tenants)
+        .map(|ns| async { (ns.as_str(), login(kube, &reader, ns).await) })
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
+    stream::iter(0..layout.n)
         .for_each_concurrent(CONCURRENCY, |i| {
-            let (reader, token, secrets, ns) = (
-                reader.clone(),
-                auth.client_token.clone(),
-                secrets.clone(),
-                ns.clone(),
-            );
+            let (ns, name) = layout.item(i);
+            let (reader, token) = (&reader, &tokens[ns]);
             async move {
                 let kv = reader
-                    .kv2_read_api_path(&token, &format!("secret/data/{ns}/s{i}"))
+                    .kv2_read_api_path(token, &format!("secret/data/{ns}/{name}"))
                     .await
                     .expect("read");
+                let data = kv.data.iter();
                 let secret = Secret {
-                    metadata: kube::api::ObjectMeta {
-                        name: Some(format!("baseline-{i}")),
+                    metadata: ObjectMeta {
+                        name: Some(format!("baseline-{name}")),
+                        labels: Some([("bench".to_string(), "baseline".to_string())].into()),
                         ..Default::default()
                     },
                     string_data: Some(
-                        kv.data
-                            .iter()
-                            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                        data.map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().into()))
                             .collect(),
                     ),
                     ..Default::default()
                 };
-                secrets
+                Api::<Secret>::namespaced(kube.clone(), ns)
                     .create(&PostParams::default(), &secret)
                     .await
                     .expect("create");
             }
         })
         .await;
-    let baseline = start.elapsed();
-    secrets
-        .delete_collection(&DeleteParams::default(), &ListParams::default())
-        .await
-        .expect("delete baseline");
+    let took = start.elapsed();
+    let only_baseline = ListParams::default().labels("bench=baseline");
+    stream::iter(&layout.tenants)
+        .for_each_concurrent(8, |ns| {
+            let only_baseline = &only_baseline;
+            async move {
+                Api::<Secret>::namespaced(kube.clone(), ns)
+                    .delete_collection(&DeleteParams::default(), only_baseline)
+                    .await
+                    .expect("delete baseline Secrets");
+            }
+        })
+        .await;
+    took
+}
 
-    // The operator.
+/// Starts the operator (own token, no leader election) and waits until it leads: the
+/// component and its metrics URL.
+async fn start_operator(bed: &Testbed) -> (Component, String) {
+    let bao = bed.openbao();
+    let policy = "path \"sys/policies/acl/*\" { capabilities = [\"create\", \"read\", \"update\", \"delete\"] }";
+    bao.root(
+        Method::POST,
+        "sys/policies/acl/kubebao-operator",
+        Some(json!({"policy": policy})),
+    )
+    .await;
+    let token = bao
+        .root(
+            Method::POST,
+            "auth/token/create",
+            Some(json!({"policies": ["kubebao-operator"], "ttl": "4h"})),
+        )
+        .await
+        .expect("token")["auth"]["client_token"]
+        .as_str()
+        .expect("client token")
+        .to_string();
+    let token_file = bed.dir().join("operator-token");
+    std::fs::write(&token_file, token).expect("write the operator token");
     bed.install_crds();
     let _ = bed.kubectl(&["create", "namespace", "kubebao-system"]);
     let port = free_port();
@@ -178,142 +310,353 @@ async fn main() {
     .map(|s| s.to_string())
     .collect();
     let kubeconfig = bed.kubeconfig().display().to_string();
+    let log = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
     let mut operator = Component::start_with_env(
         "kubebao-operator",
         bed.dir(),
         &PathBuf::from(env!("CARGO_BIN_EXE_kubebao-operator")),
         &args,
-        &[("KUBECONFIG", &kubeconfig), ("RUST_LOG", "warn")],
+        &[("KUBECONFIG", &kubeconfig), ("RUST_LOG", &log)],
     );
     wait_for("operator metrics", Duration::from_secs(60), || {
         operator.assert_running();
         let m = metrics.clone();
         async move {
-            if metric(&m, "kubebao_operator_leader ").await == 1.0 {
-                Ok(())
-            } else {
-                Err("not started".into())
+            match Scrape::http(&m).await.sum("kubebao_operator_leader", &[]) {
+                1.0 => Ok(()),
+                _ => Err("not leading yet".into()),
             }
         }
     })
     .await;
-    let idle_rss = rss_kib(operator.pid().unwrap());
+    (operator, metrics)
+}
 
-    let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(
-        "kubebao.io",
-        "v1alpha1",
-        "BaoSecret",
-    ));
-    let api: Api<DynamicObject> = Api::namespaced_with(kube.clone(), &ns, &ar);
-    let start = Instant::now();
-    stream::iter(0..n)
+/// Creates the N BaoSecrets.
+async fn apply(kube: &kube::Client, ar: &ApiResource, layout: &Layout, refresh: Duration) {
+    let refresh = format!("{}s", refresh.as_secs());
+    stream::iter(0..layout.n)
         .for_each_concurrent(CONCURRENCY, |i| {
-            let (api, ns) = (api.clone(), ns.clone());
+            let (ns, name) = layout.item(i);
+            let api: Api<DynamicObject> = Api::namespaced_with(kube.clone(), ns, ar);
+            let obj = json!({
+                "apiVersion": "kubebao.io/v1alpha1", "kind": "BaoSecret",
+                "metadata": {"name": name},
+                "spec": {
+                    "secretPath": format!("secret/data/{ns}/{name}"),
+                    "serviceAccountName": TENANT_SA,
+                    "refreshInterval": refresh,
+                    "target": {"name": name},
+                },
+            });
             async move {
-                let obj: DynamicObject = serde_json::from_value(json!({
-                    "apiVersion": "kubebao.io/v1alpha1", "kind": "BaoSecret",
-                    "metadata": {"name": format!("s{i}")},
-                    "spec": {"secretPath": format!("secret/data/{ns}/s{i}"), "refreshInterval": REFRESH, "target": {"name": format!("s{i}")}}
-                }))
-                .unwrap();
-                api.create(&PostParams::default(), &obj).await.expect("create BaoSecret");
+                let obj: DynamicObject = serde_json::from_value(obj).expect("BaoSecret");
+                api.create(&PostParams::default(), &obj)
+                    .await
+                    .expect("create BaoSecret");
             }
         })
         .await;
-    let applied = start.elapsed();
-    let ready_count = || async {
-        api.list(&ListParams::default())
-            .await
-            .map(|l| {
-                l.items
-                    .iter()
-                    .filter(|o| {
-                        o.data["status"]["conditions"].as_array().is_some_and(|c| {
-                            c.iter()
-                                .any(|c| c["type"] == "Ready" && c["status"] == "True")
-                        })
-                    })
-                    .count()
-            })
-            .unwrap_or(0)
-    };
-    wait_for("all BaoSecrets Ready", Duration::from_secs(600), || async {
-        let r = ready_count().await;
-        if r == n {
-            Ok(())
-        } else {
-            Err(format!("{r}/{n} Ready"))
-        }
-    })
-    .await;
-    let all_ready = start.elapsed();
-    let pid = operator.pid().unwrap();
-    let ready_rss = rss_kib(pid);
+}
 
-    // One refresh interval with nothing changed, measured as a fixed window of exactly that
-    // length (a measurement window, not a wait for a condition): every BaoSecret is due once.
-    let window = Duration::from_secs(30);
-    let ops = ["login", "kv_metadata", "kv_read"];
-    let requests =
-        |m: String| async move { metric(&m, "kubebao_operator_openbao_requests_total").await };
-    let writes =
-        |m: String| async move { metric(&m, "kubebao_operator_secret_writes_total").await };
-    let by_op = |m: String| async move {
-        let mut v = Vec::new();
-        for op in ops {
-            v.push(
-                metric(
-                    &m,
-                    &format!("kubebao_operator_openbao_requests_total{{op=\"{op}\""),
-                )
-                .await,
-            );
-        }
+/// What one refresh interval with nothing changed cost.
+struct Window {
+    /// Operator metric: OpenBao requests, in total and by (op, result).
+    requests: f64,
+    by_op: Vec<(Vec<String>, f64)>,
+    /// Operator metric: Secret writes.
+    writes: f64,
+    /// OpenBao's audit log: the requests in the window.
+    audit: Checks,
+    /// API server requests by (verb, resource, subresource).
+    api: Vec<(Vec<String>, f64)>,
+    /// CPU used by each process, and by all together (seconds).
+    cpu: (String, f64),
+}
+
+/// Measures exactly one refresh interval (a measurement window, not a wait for a condition):
+/// every BaoSecret is due once in it. The audit log is read a little longer (a tenth of the
+/// interval) to tell a check that came a little late from one that never came.
+async fn refresh_window(
+    bed: &Testbed,
+    kube: &kube::Client,
+    metrics: &str,
+    layout: &Layout,
+    refresh: Duration,
+    processes: &[(String, u32)],
+) -> Window {
+    let log = bed.openbao().audit_log().to_path_buf();
+    let ops = ["op", "result"];
+    let api = ["verb", "resource", "subresource"];
+    let (m0, a0) = (Scrape::http(metrics).await, Scrape::apiserver(kube).await);
+    let (start, cpu0) = (support::audit_mark(&log), support::cpu_snapshot(processes));
+    tokio::time::sleep(refresh).await;
+    let (end, cpu1) = (support::audit_mark(&log), support::cpu_snapshot(processes));
+    let (m1, a1) = (Scrape::http(metrics).await, Scrape::apiserver(kube).await);
+    tokio::time::sleep(refresh / 10).await;
+    let after = support::audit_mark(&log);
+    let requests = "kubebao_operator_openbao_requests_total";
+    let writes = "kubebao_operator_secret_writes_total";
+    let sorted = |d: std::collections::BTreeMap<Vec<String>, f64>| {
+        let mut v: Vec<_> = d.into_iter().collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
         v
     };
-    let (r0, w0, o0) = (
-        requests(metrics.clone()).await,
-        writes(metrics.clone()).await,
-        by_op(metrics.clone()).await,
+    let api = support::delta(
+        &a0.by("apiserver_request_total", &api),
+        &a1.by("apiserver_request_total", &api),
     );
-    tokio::time::sleep(window).await;
-    let (r1, w1, o1) = (
-        requests(metrics.clone()).await,
-        writes(metrics.clone()).await,
-        by_op(metrics.clone()).await,
-    );
-    let breakdown: Vec<String> = ops
-        .iter()
-        .zip(o0.iter().zip(o1.iter()))
-        .map(|(op, (a, b))| format!("{op} {}", b - a))
-        .collect();
-    let steady_rss = rss_kib(pid);
-    operator.stop();
+    Window {
+        requests: m1.sum(requests, &[]) - m0.sum(requests, &[]),
+        by_op: sorted(support::delta(
+            &m0.by(requests, &ops),
+            &m1.by(requests, &ops),
+        )),
+        writes: m1.sum(writes, &[]) - m0.sum(writes, &[]),
+        audit: Checks::count(
+            layout,
+            &support::audited_between(&log, start, end),
+            &support::audited_between(&log, end, after),
+        ),
+        api: sorted(api)
+            .into_iter()
+            .filter(|(k, _)| !k[1].is_empty())
+            .collect(),
+        cpu: support::cpu_used(processes, &cpu0, &cpu1),
+    }
+}
 
-    println!(
-        "operator benchmark, N = {n} BaoSecrets over {n} KV v2 paths (debug build, test bed on this machine)"
-    );
-    println!(
-        "  baseline (N KV reads + N Secret creates, one client, concurrency {CONCURRENCY}): {:.2} s",
-        baseline.as_secs_f64()
-    );
-    println!(
-        "  operator: apply took {:.2} s; all Ready after {:.2} s → ratio to baseline {:.2}x",
-        applied.as_secs_f64(),
-        all_ready.as_secs_f64(),
-        all_ready.as_secs_f64() / baseline.as_secs_f64()
-    );
-    println!(
-        "  operator RSS: idle {:.1} MiB, all Ready {:.1} MiB, after a refresh cycle {:.1} MiB",
-        idle_rss as f64 / 1024.0,
-        ready_rss as f64 / 1024.0,
-        steady_rss as f64 / 1024.0
-    );
-    println!(
-        "  one refresh interval ({REFRESH}) with nothing changed: {} OpenBao requests ({:.2} per BaoSecret; {}), {} Secret writes",
-        r1 - r0,
-        (r1 - r0) / n as f64,
-        breakdown.join(", "),
-        w1 - w0
-    );
+/// OpenBao requests in the window, from its audit log.
+#[derive(Default)]
+struct Checks {
+    total: usize,
+    metadata: usize,
+    data: usize,
+    logins: usize,
+    other: usize,
+    /// BaoSecrets whose metadata was read once, twice or more.
+    once: usize,
+    more: usize,
+    /// BaoSecrets not read in the window: read soon after it (late), or not at all.
+    late: usize,
+    missed: usize,
+}
+
+impl Checks {
+    fn count(layout: &Layout, window: &[support::Audited], after: &[support::Audited]) -> Self {
+        let mut c = Checks {
+            total: window.len(),
+            ..Default::default()
+        };
+        let mut reads: HashMap<&str, usize> = HashMap::new();
+        for r in window {
+            let p = r.path.as_str();
+            if p.starts_with("secret/metadata/") {
+                c.metadata += 1;
+                *reads.entry(p).or_default() += 1;
+            } else if p.starts_with("secret/data/") {
+                c.data += 1;
+            } else if p.starts_with("auth/") && p.ends_with("/login") {
+                c.logins += 1;
+            } else {
+                c.other += 1;
+            }
+        }
+        let soon: std::collections::HashSet<&str> = after.iter().map(|r| r.path.as_str()).collect();
+        for i in 0..layout.n {
+            let (ns, name) = layout.item(i);
+            let path = format!("secret/metadata/{ns}/{name}");
+            match reads.get(path.as_str()).copied().unwrap_or(0) {
+                0 if soon.contains(path.as_str()) => c.late += 1,
+                0 => c.missed += 1,
+                1 => c.once += 1,
+                _ => c.more += 1,
+            }
+        }
+        c
+    }
+
+    /// Exactly one metadata read per BaoSecret: none twice, none skipped (a check that
+    /// came less than a tenth of the interval late counts), and nothing else.
+    fn exactly_one(&self) -> bool {
+        self.data + self.logins + self.other + self.more + self.missed == 0
+    }
+}
+
+/// Everything measured, printed with the goals.
+struct Figures {
+    n: usize,
+    tenants: usize,
+    refresh: Duration,
+    setup: Duration,
+    baseline: Duration,
+    applied: Duration,
+    marks: Vec<(usize, Duration)>,
+    ready: usize,
+    cpu_ready: (String, f64),
+    /// Idle, all Ready, after the refresh window.
+    memory: [Memory; 3],
+    window: Window,
+}
+
+impl Figures {
+    fn print(&self) {
+        let n = self.n;
+        let build = if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        };
+        println!(
+            "operator benchmark, N = {n} BaoSecrets over {n} KV v2 paths in {} tenant namespaces ({build} build, test bed on this machine)",
+            self.tenants
+        );
+        println!(
+            "  set-up (namespaces, ServiceAccounts, policies, roles, N KV writes): {:.1} s",
+            self.setup.as_secs_f64()
+        );
+        println!(
+            "  baseline (a login per tenant, N KV reads + N Secret creates, one client, concurrency {CONCURRENCY}): {:.2} s",
+            self.baseline.as_secs_f64()
+        );
+        let marks: Vec<String> = self
+            .marks
+            .iter()
+            .map(|(p, t)| format!("{p} % {:.1} s", t.as_secs_f64()))
+            .collect();
+        let ratio = self.all_ready().map_or("n/a".into(), |t| {
+            format!("{:.1}x", t.as_secs_f64() / self.baseline.as_secs_f64())
+        });
+        println!(
+            "  operator: apply took {:.1} s ({:.0} creates/s); Ready: {} → ratio to baseline {ratio}",
+            self.applied.as_secs_f64(),
+            n as f64 / self.applied.as_secs_f64(),
+            marks.join(", "),
+        );
+        println!(
+            "  CPU from apply to all Ready: {:.1} s in all: {}",
+            self.cpu_ready.1, self.cpu_ready.0
+        );
+        let [idle, ready, steady] = self.memory;
+        println!(
+            "  operator memory: idle {:.1} MiB, all Ready {:.1} MiB, after a refresh interval {:.1} MiB; peak (VmHWM) {:.1} MiB",
+            mib(idle.rss),
+            mib(ready.rss),
+            mib(steady.rss),
+            mib(steady.peak)
+        );
+        self.print_window();
+        self.print_goals();
+    }
+
+    fn all_ready(&self) -> Option<Duration> {
+        self.marks.iter().find(|(p, _)| *p == 100).map(|m| m.1)
+    }
+
+    fn print_window(&self) {
+        let (n, w, a) = (self.n, &self.window, &self.window.audit);
+        let secs = self.refresh.as_secs();
+        println!(
+            "  one refresh interval ({secs} s, {:.0} checks/s) with nothing changed:",
+            n as f64 / secs as f64
+        );
+        let by_op: Vec<String> = w
+            .by_op
+            .iter()
+            .map(|(k, v)| format!("{} {v}", k.join("/")))
+            .collect();
+        println!(
+            "    operator metric: {} OpenBao requests ({:.3} per BaoSecret: {}), {} Secret writes",
+            w.requests,
+            w.requests / n as f64,
+            by_op.join(", "),
+            w.writes
+        );
+        println!(
+            "    OpenBao audit log: {} requests ({:.3} per BaoSecret): {} metadata reads, {} data reads, {} logins, {} other",
+            a.total,
+            a.total as f64 / n as f64,
+            a.metadata,
+            a.data,
+            a.logins,
+            a.other,
+        );
+        println!(
+            "    BaoSecrets checked once {}, twice or more {}, not in the window but within {} s after it {}, not at all {}",
+            a.once,
+            a.more,
+            secs / 10,
+            a.late,
+            a.missed
+        );
+        let api_total: f64 = w.api.iter().map(|(_, v)| v).sum();
+        let api: Vec<String> = w
+            .api
+            .iter()
+            .take(8)
+            .map(|(k, v)| {
+                let what: Vec<&str> = k
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                format!("{} {v}", what.join(" "))
+            })
+            .collect();
+        println!(
+            "    API server (every client; the benchmark is idle): {api_total} requests ({:.2} per BaoSecret): {}",
+            api_total / n as f64,
+            api.join(", ")
+        );
+        let per_check = w.cpu.1 / n as f64;
+        println!(
+            "    CPU: {:.1} s in all = {:.1} ms per check (so at most ~{:.0} checks/s on {} cores): {}",
+            w.cpu.1,
+            per_check * 1000.0,
+            cores() / per_check,
+            cores(),
+            w.cpu.0
+        );
+    }
+
+    fn print_goals(&self) {
+        let verdict = |ok: bool| if ok { "PASS" } else { "FAIL" };
+        let (n, a) = (self.n, &self.window.audit);
+        let all = self.all_ready();
+        let ready_ok = self.ready == n && all.is_some_and(|t| t <= READY_GOAL);
+        println!("  goals:");
+        println!(
+            "    {} all {n} Ready within {} s: {}",
+            verdict(ready_ok),
+            READY_GOAL.as_secs(),
+            all.map_or(format!("{}/{n} Ready", self.ready), |t| format!(
+                "{:.1} s",
+                t.as_secs_f64()
+            ))
+        );
+        let steady = self.memory[2];
+        println!(
+            "    {} operator RSS under {RSS_GOAL_MIB} MiB at steady state: {:.1} MiB (peak {:.1} MiB)",
+            verdict(mib(steady.rss) < RSS_GOAL_MIB && steady.rss > 0),
+            mib(steady.rss),
+            mib(steady.peak)
+        );
+        println!(
+            "    {} one OpenBao request per BaoSecret per refresh, nothing changed: {} of {n} checked exactly once ({} a little late), {} other requests",
+            verdict(a.exactly_one()),
+            a.once + a.late,
+            a.late,
+            a.data + a.logins + a.other
+        );
+        println!(
+            "    {} no Secret writes when nothing changed: {}",
+            verdict(self.window.writes == 0.0),
+            self.window.writes
+        );
+    }
+}
+
+/// CPU cores of this machine.
+fn cores() -> f64 {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) as f64
 }
