@@ -90,6 +90,20 @@ impl OpenBao {
         self
     }
 
+    /// This client (same server, TLS and connection pool) speaking to OpenBao namespace
+    /// `namespace` (`X-Vault-Namespace`; None: the root namespace).
+    pub fn with_namespace(&self, namespace: Option<&str>) -> Self {
+        Self {
+            namespace: namespace.map(str::to_string),
+            ..self.clone()
+        }
+    }
+
+    /// The OpenBao namespace this client speaks to (None: the root namespace).
+    pub fn namespace(&self) -> Option<&str> {
+        self.namespace.as_deref()
+    }
+
     /// The server address this client talks to.
     pub fn address(&self) -> &str {
         &self.address

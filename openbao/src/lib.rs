@@ -14,6 +14,7 @@ mod error;
 #[cfg(test)]
 mod fake;
 mod kv;
+mod lease;
 mod policy;
 mod secret;
 mod session;
@@ -24,6 +25,7 @@ pub use auth::{Auth, Credentials};
 pub use client::{ClientConfig, Health, OpenBao};
 pub use error::{Error, Result};
 pub use kv::{KvMetadata, KvSecret};
+pub use lease::with_query;
 pub use policy::{PolicyWrite, PolicyWriteOutcome};
 pub use secret::{Secret, SecretString};
 pub use session::{CredentialSource, Session, SessionOptions, SessionStatus};

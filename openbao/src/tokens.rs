@@ -590,6 +590,21 @@ impl Slot {
         }
     }
 
+    /// How long `token` lives on while it is the one held (`Duration::MAX` without expiry);
+    /// None once another token (or none) is held.
+    pub(crate) fn remaining(&self, token: &SecretString) -> Option<Duration> {
+        let now = Instant::now();
+        let st = self.state();
+        let held = st
+            .held
+            .as_ref()
+            .filter(|h| &h.token == token && !h.expired(now))?;
+        Some(
+            held.expires_at()
+                .map_or(Duration::MAX, |t| t.saturating_duration_since(now)),
+        )
+    }
+
     /// True while a valid token without expiry is held.
     pub(crate) fn holds_unexpiring_token(&self) -> bool {
         self.state().held.as_ref().is_some_and(|h| h.ttl.is_zero())

@@ -309,8 +309,6 @@ impl Metrics {
 
     /// Forgets every object of `kind` for which `live(namespace, name)` is false (for a
     /// controller that sweeps its watch cache rather than seeing each deletion).
-    // For the BaoSecret controller's sweep, wired with the BaoSecret work that follows.
-    #[allow(dead_code)]
     pub fn forget_gone(&self, kind: &str, live: impl Fn(&str, &str) -> bool) {
         let gone: Vec<ObjectLabels> = self
             .objects

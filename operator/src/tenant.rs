@@ -2,9 +2,22 @@
 //! (TokenRequest → Kubernetes auth). Caching, renewal, re-login after a revoked token and
 //! revocation of forgotten tokens follow the one set of rules in `kubebao_openbao::tokens`;
 //! this module only says how a tenant proves who it is and names the failures.
+//!
+//! Everything that selects what a token is valid for is part of the identity, and so of the
+//! cache key: the ServiceAccount, role, auth mount, audience and OpenBao namespace. Two
+//! BaoSecrets that differ in any of them never share a token.
+//!
+//! Leases: OpenBao revokes a lease when the token that created it is revoked or expires. So a
+//! token is forgotten (and revoked) only once no BaoSecret reads as its identity and no lease
+//! it created is held (the caller counts such identities as in use), and BaoSecrets holding
+//! leases ask for the token when its renewal is due ([`TenantTokens::upkeep_in`]), which keeps
+//! it alive; [`TenantTokens::remaining`] tells whether a lease's token is still the one kept
+//! alive, and until when it lives otherwise.
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::ServiceAccount;
@@ -31,15 +44,32 @@ pub struct TenantIdentity {
     pub mount: String,
     /// Token audience.
     pub audience: String,
+    /// OpenBao namespace of the login and the reads (None: the operator's own setting).
+    pub openbao_namespace: Option<String>,
+}
+
+impl TenantIdentity {
+    /// The OpenBao client for this identity: the operator's, speaking to the identity's
+    /// OpenBao namespace when it names one (same server and connection pool).
+    pub fn client(&self, bao: &OpenBao) -> OpenBao {
+        match &self.openbao_namespace {
+            Some(ns) => bao.with_namespace(Some(ns)),
+            None => bao.clone(),
+        }
+    }
 }
 
 impl std::fmt::Display for TenantIdentity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "role {:?} as {}/{} (auth/{})",
+            "role {:?} as {}/{} (auth/{}",
             self.role, self.namespace, self.service_account, self.mount
-        )
+        )?;
+        match &self.openbao_namespace {
+            Some(ns) => write!(f, " in OpenBao namespace {ns:?})"),
+            None => write!(f, ")"),
+        }
     }
 }
 
@@ -99,6 +129,19 @@ impl TenantTokens {
         }
     }
 
+    /// How long `token` lives on while it is the one held for `id` (`Duration::MAX` without
+    /// expiry); None once the cache holds another (or none). A lease dies with the token that
+    /// created it: this tells whether that token is still kept alive.
+    pub fn remaining(&self, id: &TenantIdentity, token: &SecretString) -> Option<Duration> {
+        self.cache.remaining(id, token)
+    }
+
+    /// How long until the token held for `id` is due for renewal (the cache renews it when it
+    /// is next used); None without a token or for one without expiry.
+    pub fn upkeep_in(&self, id: &TenantIdentity) -> Option<Duration> {
+        self.cache.upkeep_in(id)
+    }
+
     /// How many identities have a cached token.
     pub fn cached_identities(&self) -> usize {
         self.cache.len()
@@ -134,7 +177,21 @@ impl TenantTokens {
         bao: &OpenBao,
         id: &TenantIdentity,
     ) -> Result<SecretString, TenantError> {
-        let token = self.cache.token(id, bao, || credentials(kube, id)).await;
+        self.token_with(bao, id, || credentials(kube, id)).await
+    }
+
+    /// [`TenantTokens::token`] with the credentials `credentials` fetches for a login.
+    async fn token_with<F, Fut>(
+        &self,
+        bao: &OpenBao,
+        id: &TenantIdentity,
+        credentials: F,
+    ) -> Result<SecretString, TenantError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Credentials, kube::Error>>,
+    {
+        let token = self.cache.token(id, &id.client(bao), credentials).await;
         self.note(id);
         token.map(|t| t.secret).map_err(|e| tenant_error(id, e))
     }
@@ -150,7 +207,7 @@ impl TenantTokens {
     ) -> Result<Option<SecretString>, TenantError> {
         let token = self
             .cache
-            .denied(id, bao, rejected, || credentials(kube, id))
+            .denied(id, &id.client(bao), rejected, || credentials(kube, id))
             .await;
         self.note(id);
         token
@@ -209,6 +266,7 @@ mod tests {
             role: "team".into(),
             mount: "kubernetes".into(),
             audience: "openbao".into(),
+            openbao_namespace: None,
         }
     }
 
@@ -225,5 +283,93 @@ mod tests {
         assert!(tokens.unused(&in_use).is_empty());
         // The one still in use goes once nothing uses it either.
         assert_eq!(tokens.unused(&HashSet::new()), [identity("a")]);
+    }
+
+    /// A fake OpenBao whose Kubernetes logins (any mount) answer with a token naming the
+    /// OpenBao namespace and mount the request was for; returns its address and the logins.
+    async fn fake_openbao() -> (String, Arc<Mutex<Vec<String>>>) {
+        use axum::extract::Path;
+        use axum::http::HeaderMap;
+        use axum::routing::post;
+        let logins = Arc::new(Mutex::new(Vec::new()));
+        let seen = logins.clone();
+        let app = axum::Router::new().route(
+            "/v1/auth/{mount}/login",
+            post(move |Path(mount): Path<String>, headers: HeaderMap| {
+                let seen = seen.clone();
+                async move {
+                    let ns = headers
+                        .get("X-Vault-Namespace")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("root");
+                    let token = format!("token-{ns}-{mount}");
+                    seen.lock().unwrap().push(token.clone());
+                    let body = serde_json::json!({"auth": {
+                        "client_token": token, "accessor": "a", "policies": [],
+                        "lease_duration": 3600, "renewable": false
+                    }});
+                    ([("content-type", "application/json")], body.to_string())
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (addr, logins)
+    }
+
+    #[tokio::test]
+    async fn one_service_account_in_two_openbao_namespaces_or_mounts_gets_two_tokens() {
+        kubebao_openbao::install_crypto_provider();
+        let (addr, logins) = fake_openbao().await;
+        let bao = OpenBao::new(&kubebao_openbao::ClientConfig {
+            address: addr,
+            allow_plain_http: true,
+            ..Default::default()
+        })
+        .unwrap();
+        let tokens = TenantTokens::new(Arc::new(Metrics::default()));
+        let login = |id: &TenantIdentity| {
+            let (mount, role) = (id.mount.clone(), id.role.clone());
+            move || async move {
+                Ok(Credentials::Kubernetes {
+                    mount,
+                    role,
+                    jwt: SecretString::new("jwt"),
+                })
+            }
+        };
+        let root = identity("app");
+        let team_a = TenantIdentity {
+            openbao_namespace: Some("team-a".into()),
+            ..identity("app")
+        };
+        let other_mount = TenantIdentity {
+            mount: "k8s-2".into(),
+            ..team_a.clone()
+        };
+        let mut got = Vec::new();
+        for id in [&root, &team_a, &other_mount, &team_a, &root] {
+            let token = tokens.token_with(&bao, id, login(id)).await.unwrap();
+            got.push(token.expose().to_string());
+        }
+        assert_eq!(
+            got,
+            [
+                "token-root-kubernetes",
+                "token-team-a-kubernetes",
+                "token-team-a-k8s-2",
+                "token-team-a-kubernetes",
+                "token-root-kubernetes",
+            ]
+        );
+        // One login each; the repeats came from the cache.
+        assert_eq!(logins.lock().unwrap().len(), 3);
+        assert_eq!(tokens.cached_identities(), 3);
+        assert!(
+            team_a
+                .to_string()
+                .contains("in OpenBao namespace \"team-a\"")
+        );
     }
 }

@@ -155,6 +155,23 @@ impl<K: Clone + Eq + Hash> TokenCache<K> {
         result
     }
 
+    /// How long `token` lives on while it is the one held for `key` (renewed by this cache as
+    /// it is used; `Duration::MAX` without expiry); None once another token (or none) is held.
+    /// Leases die with the token that created them: this tells whether that token is still
+    /// kept alive.
+    pub fn remaining(&self, key: &K, token: &SecretString) -> Option<Duration> {
+        let slot = self.entries().get(key).cloned()?;
+        slot.remaining(token)
+    }
+
+    /// How long until the token held for `key` is due for renewal (zero: due now, or none
+    /// held); None when `key` has no entry or its token does not expire. Renewal happens on
+    /// use: a caller that needs the token kept alive calls [`TokenCache::token`] by then.
+    pub fn upkeep_in(&self, key: &K) -> Option<Duration> {
+        let slot = self.entries().get(key).cloned()?;
+        slot.upkeep_in()
+    }
+
     /// Forgets `key` (its object is gone): revokes the token if KubeBao logged in for it.
     pub async fn forget(&self, key: &K) {
         let slot = self.entries().remove(key);

@@ -289,3 +289,30 @@ async fn debug_output_never_shows_a_token() {
         assert!(!text.contains("t1"), "{text}");
     }
 }
+
+#[tokio::test]
+async fn remaining_follows_the_held_token_and_ends_when_it_is_replaced() {
+    let (_shared, client) = start(Fake {
+        refuse_renewal: true,
+        ..fake(3, true)
+    })
+    .await;
+    let cache = TokenCache::new(TokenOptions::default());
+    assert_eq!(cache.upkeep_in(&"app"), None, "no entry yet");
+    let first = token(&cache, &client).await.secret;
+    let left = cache.remaining(&"app", &first).expect("held");
+    assert!(
+        left <= Duration::from_secs(3) && left > Duration::from_secs(2),
+        "{left:?}"
+    );
+    let due = cache.upkeep_in(&"app").expect("expires");
+    assert!(due <= Duration::from_secs(2), "{due:?}");
+    assert_eq!(cache.remaining(&"app", &SecretString::new("other")), None);
+    // Past 2/3 the renewal is refused and a login replaces the token: the first one is no
+    // longer kept alive by the cache.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let second = token(&cache, &client).await.secret;
+    assert_ne!(first, second);
+    assert_eq!(cache.remaining(&"app", &first), None);
+    assert!(cache.remaining(&"app", &second).is_some());
+}

@@ -20,6 +20,10 @@ pub const INTERVAL_PATTERN: &str = r"^([0-9]{1,9}(\.[0-9]{1,9})?(ms|s|m|h))+$";
 pub const TTL_PATTERN: &str = r"^([0-9]{1,9}(s|m|h))+$";
 /// Longest duration text.
 pub const MAX_DURATION_TEXT: usize = 32;
+/// A BaoSecret source's name (`spec.sources[].name`): a template variable, so an identifier.
+pub const SOURCE_NAME_PATTERN: &str = r"^[a-z][a-z0-9_]*$";
+/// Longest source name.
+pub const MAX_SOURCE_NAME: usize = 63;
 
 /// Secret types Kubernetes itself acts on, refused as BaoSecret targets: a
 /// `service-account-token` Secret makes the token controller mint a token for the ServiceAccount
@@ -67,6 +71,23 @@ pub fn secret_key(field: &str, key: &str) -> Result<(), String> {
         Err(format!(
             "{field} {:?} is not a valid Secret key: letters, digits, - _ and . only, not . or .. (rename it with spec.keys: [{{from, to}}])",
             shorten(key)
+        ))
+    }
+}
+
+/// Checks a source name (`field` names it in the error): see [`SOURCE_NAME_PATTERN`].
+pub fn source_name(field: &str, value: &str) -> Result<(), String> {
+    let ok = value.len() <= MAX_SOURCE_NAME
+        && value.chars().next().is_some_and(|c| c.is_ascii_lowercase())
+        && value
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{field} {:?} is not a source name: a lower-case letter, then lower-case letters, digits and _, at most {MAX_SOURCE_NAME} characters (templates use it as a variable: {{{{ name.key }}}})",
+            shorten(value)
         ))
     }
 }
@@ -146,6 +167,13 @@ mod tests {
         for bad in [".", "..", "..a", "a/b", "", "a b"] {
             assert!(secret_key("k", bad).is_err(), "{bad:?}");
         }
+        for good in ["db", "cache_2", "a"] {
+            assert!(source_name("s", good).is_ok(), "{good}");
+        }
+        for bad in ["", "Db", "2db", "_db", "db-1", "db.x", &"a".repeat(64)] {
+            let e = source_name("spec.sources[0].name", bad).unwrap_err();
+            assert!(e.starts_with("spec.sources[0].name "), "{e}");
+        }
         assert!(target_type("t", "kubernetes.io/tls").is_ok());
         assert!(target_type("t", "Opaque").is_ok());
         for forbidden in FORBIDDEN_TARGET_TYPES {
@@ -172,12 +200,25 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_crd_checks_template_keys_with_the_secret_key_pattern() {
+        let yaml = crate::api::all_yaml();
+        let rule = yaml
+            .lines()
+            .find(|l| l.contains("rule:") && l.contains("k.matches("))
+            .expect("the CEL rule on template.data keys");
+        // A CEL string literal doubles the regex's backslashes.
+        let literal = SECRET_KEY_PATTERN.replace('\\', "\\\\");
+        assert!(rule.contains(&format!("'{literal}'")), "{rule}");
+    }
+
     proptest! {
         #[test]
         fn any_text_is_answered_without_panic(text in "[a-z0-9./_ -]{0,40}") {
             let _ = kube_name("f", &text);
             let _ = secret_key("f", &text);
             let _ = target_type("f", &text);
+            let _ = source_name("f", &text);
         }
 
         #[test]
@@ -185,8 +226,12 @@ mod tests {
             name in schema(KUBE_NAME_PATTERN),
             key in schema(SECRET_KEY_PATTERN),
             type_ in schema(SECRET_TYPE_PATTERN),
+            source in schema(SOURCE_NAME_PATTERN),
         ) {
             prop_assume!(name.len() <= MAX_KUBE_NAME && key.len() <= MAX_KUBE_NAME && type_.len() <= MAX_KUBE_NAME);
+            if source.len() <= MAX_SOURCE_NAME {
+                prop_assert!(source_name("f", &source).is_ok());
+            }
             prop_assert!(kube_name("f", &name).is_ok());
             prop_assert!(secret_key("f", &key).is_ok());
             prop_assume!(!FORBIDDEN_TARGET_TYPES.contains(&type_.as_str()));

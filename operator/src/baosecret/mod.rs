@@ -1,8 +1,19 @@
-//! The BaoSecret controller: OpenBao KV → Kubernetes Secret, read as the BaoSecret's own
-//! ServiceAccount, refreshed cheaply (KV v2 metadata version first), written only on change.
+//! The BaoSecret controller: OpenBao (one KV path, or several named sources: KV secrets,
+//! leased engine credentials, certificates) → Kubernetes Secret (copied, or rendered from
+//! templates), read as the BaoSecret's own ServiceAccount, refreshed cheaply (KV v2 metadata
+//! versions first), written only on change; issued credentials renewed, replaced with overlap
+//! and revoked (see `issued.rs`).
 
+mod certificate;
+mod data;
+mod finalizer;
+mod held;
+mod issued;
+mod leases;
 mod plan;
+mod sources;
 mod steps;
+mod template;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -18,16 +29,18 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, predicates, watcher};
 use serde_json::json;
 
+use held::Held;
+use issued::Issuer;
+use leases::Book;
 pub use plan::Check;
-use plan::{
-    Decision, Failure, REJECTED_RETRY, Synced, WritePlan, data_hash, failed, rejected, select_keys,
-};
+use plan::{Decision, Failure, REJECTED_RETRY, Synced, WritePlan, data_hash, rejected};
 use steps::{
-    apply_secret, forget_checks, last_check, read_kv, read_kv_version, read_target, remember,
+    apply_secret, check_metadata, forget_checks, last_check, read_target, remember,
     restart_workloads, tenant_identity, tenant_token,
 };
 
 use crate::api::Condition;
+use crate::api::baosecret::BaoSecretSpec;
 use crate::api::{BaoSecret, BaoSecretStatus};
 use crate::conditions::{self, Outcome};
 use crate::context::Context;
@@ -50,6 +63,8 @@ pub struct SecretsContext {
     pub base: Arc<Context>,
     /// Labelled Secrets' metadata (no data, no managedFields).
     pub secrets: Store<PartialObjectMeta<Secret>>,
+    /// Credentials this process issued (engine leases, certificates) and still needs.
+    held: Arc<Held>,
 }
 
 /// How often what the operator holds for deleted BaoSecrets is swept without a deletion event
@@ -63,7 +78,8 @@ pub async fn run(
 ) {
     let client = base.client.clone();
     let (reader, writer) = reflector::store::<Lenient<BaoSecret>>();
-    let (live, sweeper) = (reader.clone(), base.clone());
+    let held = Arc::new(Held::default());
+    let (live, sweeper, swept) = (reader.clone(), base.clone(), held.clone());
     // Status-only updates (our own) do not trigger a reconcile: the generation predicate.
     let baosecrets = watcher(
         Api::<Lenient<BaoSecret>>::all(client.clone()),
@@ -75,7 +91,7 @@ pub async fn run(
     .inspect_ok(move |event| {
         // The cache has dropped the object (or re-listed): forget what it no longer holds.
         if matches!(event, watcher::Event::Delete(_) | watcher::Event::InitDone) {
-            forget_gone(&sweeper, &live);
+            forget_gone(&sweeper, &swept, &live);
         }
     })
     .applied_objects()
@@ -84,6 +100,7 @@ pub async fn run(
     let ctx = Arc::new(SecretsContext {
         base: base.clone(),
         secrets: secret_reader,
+        held: held.clone(),
     });
     let checks = base.clone();
     let live = reader.clone();
@@ -133,7 +150,7 @@ pub async fn run(
         });
     tokio::select! {
         () = controller => {}
-        () = sweep_every(&base, &live) => {}
+        () = sweep_every(&base, &held, &live) => {}
     }
 }
 
@@ -167,20 +184,21 @@ fn watch_secrets(
 }
 
 /// Sweeps every [`SWEEP_EVERY`] (see [`forget_gone`]), once the watch cache is filled.
-async fn sweep_every(ctx: &Arc<Context>, live: &Store<Lenient<BaoSecret>>) {
+async fn sweep_every(ctx: &Arc<Context>, held: &Held, live: &Store<Lenient<BaoSecret>>) {
     if live.wait_until_ready().await.is_err() {
         return futures::future::pending().await;
     }
     loop {
         tokio::time::sleep(SWEEP_EVERY).await;
-        forget_gone(ctx, live);
+        forget_gone(ctx, held, live);
     }
 }
 
 /// Forgets what the operator holds for BaoSecrets no longer in `live` (the watch cache): their
-/// last checks and failure counts, and the tenant tokens no remaining BaoSecret reads with
-/// (revoked, in the background).
-fn forget_gone(ctx: &Arc<Context>, live: &Store<Lenient<BaoSecret>>) {
+/// last checks, failure counts and issued data, and the tenant tokens no remaining BaoSecret
+/// reads with (revoked, in the background). A token that created a lease still held is in
+/// use: revoking it would revoke the lease.
+fn forget_gone(ctx: &Arc<Context>, held: &Held, live: &Store<Lenient<BaoSecret>>) {
     let objects = live.state();
     let mut keys = HashSet::new();
     let mut in_use = HashSet::new();
@@ -192,7 +210,12 @@ fn forget_gone(ctx: &Arc<Context>, live: &Store<Lenient<BaoSecret>>) {
         }
     }
     forget_checks(ctx, |key| keys.contains(key));
+    held.retain(|key| keys.contains(key));
+    in_use.extend(held.identities());
     ctx.forget_failures("BaoSecret", |key| keys.contains(key));
+    ctx.metrics.forget_gone("BaoSecret", |ns, name| {
+        keys.contains(&format!("{ns}/{name}"))
+    });
     ctx.count_cached();
     let unused = ctx.tenants.unused(&in_use);
     if unused.is_empty() {
@@ -205,21 +228,26 @@ fn forget_gone(ctx: &Arc<Context>, live: &Store<Lenient<BaoSecret>>) {
     });
 }
 
-/// Reconciles one BaoSecret and writes its status.
+/// Reconciles one BaoSecret and writes its status (a deleted one: revokes its leases).
 pub async fn reconcile(
     bs: Arc<BaoSecret>,
     sctx: Arc<SecretsContext>,
 ) -> Result<Action, kube::Error> {
+    let started = Instant::now();
     let ctx = &sctx.base;
     let ns = bs.namespace().unwrap_or_default();
     let key = format!("{ns}/{}", bs.name_any());
+    if bs.metadata.deletion_timestamp.is_some() {
+        return finalizer::finalize(ctx, &sctx.held, &bs, &key).await;
+    }
     let backoff_key = format!("BaoSecret/{key}");
     let previous = bs.status.clone().unwrap_or_default();
-    let (outcome, action, mut status) = match sync(&bs, &sctx, &ns, &key).await {
+    let mut book = Book::from_status(&previous);
+    let (outcome, wait, mut status) = match sync(&bs, &sctx, &ns, &key, &mut book).await {
         Ok(s) => {
             ctx.succeeded(&backoff_key);
-            let next = Action::requeue(s.next);
-            let (outcome, status) = synced_status(&previous, s, &bs.spec.target.name);
+            let next = s.next;
+            let (outcome, status) = synced_status(&previous, s, &bs.spec);
             (outcome, next, status)
         }
         // Said once; a spec change or a change of the target Secret triggers the next try.
@@ -228,15 +256,25 @@ pub async fn reconcile(
             permanent: true,
         }) => {
             ctx.succeeded(&backoff_key);
-            (outcome, Action::requeue(REJECTED_RETRY), previous.clone())
+            (outcome, REJECTED_RETRY, previous.clone())
         }
         Err(Failure { outcome, .. }) => {
             let wait = ctx.backoff(&backoff_key);
-            (outcome, Action::requeue(wait), previous.clone())
+            (outcome, wait, previous.clone())
         }
     };
+    // What the sync did to issued credentials counts whether it succeeded or not.
+    book.record(&mut status);
+    let action = Action::requeue(sooner(wait, &book));
+    observe_expiries(ctx, &ns, &bs.name_any(), &book);
     ctx.count_cached();
     ctx.metrics.reconciled("BaoSecret", outcome.result());
+    let ready = outcome.is_ready();
+    ctx.metrics
+        .observe_sync("BaoSecret", &ns, &bs.name_any(), started.elapsed(), ready);
+    if ready {
+        finalizer::remove_unneeded(ctx, &bs, &book).await;
+    }
     if worth_an_event(&previous.conditions, &outcome) {
         announce(ctx, &bs, &key, &outcome).await;
     }
@@ -249,27 +287,69 @@ pub async fn reconcile(
     Ok(action)
 }
 
-/// The Ready outcome and status after a successful sync into Secret `target`.
+/// `wait`, or sooner when a held lease or certificate needs work before then.
+fn sooner(wait: Duration, book: &Book) -> Duration {
+    let now = leases::now();
+    book.next_work(now)
+        .map(|t| Duration::from_secs(u64::try_from(t.saturating_sub(now)).unwrap_or(0)))
+        .map_or(wait, |work| wait.min(work.max(Duration::from_secs(1))))
+}
+
+/// Publishes when the credentials in `book` expire (the earliest lease and certificate).
+fn observe_expiries(ctx: &Context, ns: &str, name: &str, book: &Book) {
+    use crate::metrics::Expiry;
+    let at = |secs: Option<leases::Secs>| {
+        secs.map(|s| std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(s).unwrap_or(0)))
+    };
+    let (lease, certificate) = book.expiries();
+    ctx.metrics
+        .set_expiry("BaoSecret", ns, name, Expiry::Lease, at(lease));
+    ctx.metrics
+        .set_expiry("BaoSecret", ns, name, Expiry::Certificate, at(certificate));
+}
+
+/// The Ready outcome and status after a successful sync of `spec`.
 fn synced_status(
     previous: &BaoSecretStatus,
     s: Synced,
-    target: &str,
+    spec: &BaoSecretSpec,
 ) -> (Outcome, BaoSecretStatus) {
     let mut status = previous.clone();
     if s.wrote || status.data_hash.as_deref() != Some(&s.hash) {
         status.last_sync_time = Some(conditions::now());
     }
-    status.kv_version = s.kv_version;
+    // Only a check moves the next one (a reconcile in between keeps the time it had).
+    if s.checked || status.next_refresh_time.is_none() {
+        status.next_refresh_time = Some(time_in(s.next));
+    }
+    let single = !spec.secret_path.is_empty();
+    status.kv_version = s.sources.first().and_then(|r| r.version).filter(|_| single);
     status.data_hash = Some(s.hash);
-    let message = match s.kv_version {
+    let target = &spec.target.name;
+    let message = match status.kv_version {
         Some(v) => format!("Secret {target} holds KV version {v}"),
-        None => format!("Secret {target} is in sync"),
+        None if single => format!("Secret {target} is in sync"),
+        None => format!(
+            "Secret {target} is in sync with {} sources",
+            s.sources.len()
+        ),
     };
+    status.sources = s.sources;
     let outcome = Outcome::Ready {
         reason: "Synced".into(),
         message,
     };
     (outcome, status)
+}
+
+/// The time `after` from now (RFC 3339, seconds).
+fn time_in(after: Duration) -> String {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    now.checked_add(after)
+        .unwrap_or(now)
+        .round(k8s_openapi::jiff::Unit::Second)
+        .unwrap_or(now)
+        .to_string()
 }
 
 /// Events for problems and recoveries only: a first successful sync is in the status already,
@@ -298,7 +378,7 @@ async fn announce(ctx: &Context, bs: &BaoSecret, key: &str, outcome: &Outcome) {
 }
 
 /// Writes `bs`'s status (server-side apply of the status subresource).
-async fn write_status(
+pub(super) async fn write_status(
     ctx: &Context,
     bs: &BaoSecret,
     ns: &str,
@@ -320,35 +400,57 @@ async fn write_status(
 }
 
 /// Brings the target Secret in line with OpenBao at the least cost: no OpenBao request within
-/// the refresh interval, else at most one (metadata or data), and a write only on change.
+/// the refresh interval unless issued credentials need work, else one metadata request per KV
+/// v2 source, the data only when a version moved (or a source is read every time), and a write
+/// only on change. Issued credentials come from memory unless they must be issued anew.
 async fn sync(
     bs: &BaoSecret,
     sctx: &SecretsContext,
     ns: &str,
     key: &str,
+    book: &mut Book,
 ) -> Result<Synced, Failure> {
     let ctx = &*sctx.base;
     let spec = plan::sync_spec(&bs.spec, ns)?;
+    let who = tenant_identity(bs, ns, &ctx.settings);
+    let mut issuer = Issuer::new(ctx, &sctx.held, bs, key, &who, &spec, book);
     let last = last_check(ctx, key, &bs.uid().unwrap_or_default());
     let target = read_target(sctx, ns, &bs.spec.target.name, last.as_ref()).await?;
-    let (decision, mut plan) = plan::plan(bs, last.as_ref(), &target, &spec, Instant::now())?;
-    let metadata_path = match decision {
-        Decision::UpToDate(synced) => return Ok(synced),
-        Decision::CheckMetadata { path } => Some(path),
+    let leased = |name: &str| Issuer::holds_lease(book, name);
+    let planned = plan::plan(bs, last.as_ref(), &target, &spec, Instant::now(), &leased);
+    // Leases are renewed and owed revocations made even while the target is refused; without
+    // such work a refused target costs no OpenBao request, as before.
+    let due = issuer.due(book);
+    if !due && let Ok((Decision::UpToDate(synced), _)) = &planned {
+        return Ok(synced.clone());
+    }
+    if !due && let Err(refused) = planned {
+        return Err(refused.into());
+    }
+    let token = tenant_token(ctx, &who).await?;
+    issuer.upkeep(book, &token).await?;
+    let (decision, mut plan) = planned?;
+    let unchanged = match decision {
+        Decision::UpToDate(synced) => Some(synced),
+        Decision::CheckMetadata { paths } => {
+            let seen = check_metadata(ctx, &token, &paths, &plan, &who).await?;
+            let synced = plan.after_metadata(&seen);
+            if let Some(synced) = &synced {
+                remember(ctx, key, plan.check(synced, Instant::now()));
+            }
+            synced
+        }
         Decision::ReadData => None,
     };
-    let who = tenant_identity(bs, ns, &ctx.settings);
-    let token = tenant_token(ctx, &who).await?;
-    if let Some(path) = metadata_path {
-        let metadata = read_kv_version(ctx, &token, &path, &who).await?;
-        if let Some(synced) = plan.after_metadata(metadata) {
-            remember(ctx, key, plan.check(&synced, Instant::now()));
-            return Ok(synced);
-        }
+    if let Some(synced) = unchanged
+        && !issuer.must_rebuild(book)
+    {
+        return Ok(synced);
     }
-    let kv = read_kv(ctx, &token, &spec.location, &who).await?;
-    let data = select_keys(&kv.data, bs.spec.keys.as_deref())
-        .map_err(|m| failed(true, "KeyNotFound", m))?;
+    let (read, sources) = issuer.read_all(book, &token, &spec.sources).await?;
+    issuer.save(book, ns).await?;
+    let data = data::secret_data(&bs.spec, &read)?;
+    drop(read);
     for key in data.keys() {
         crate::api::checks::secret_key("the Secret key", key)
             .map_err(|m| rejected("InvalidKey", m))?;
@@ -362,10 +464,12 @@ async fn sync(
     if restart && let Some(targets) = &bs.spec.rollout_restart_targets {
         restart_workloads(bs, ctx, ns, targets).await;
     }
+    issuer.written(book);
     let synced = Synced {
-        kv_version: (spec.location.version == 2).then_some(kv.version),
+        sources,
         hash,
         wrote: write,
+        checked: true,
         next: spec.refresh,
     };
     remember(ctx, key, plan.check(&synced, Instant::now()));

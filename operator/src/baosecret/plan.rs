@@ -8,13 +8,15 @@ use std::time::{Duration, Instant};
 use hmac::{Hmac, Mac};
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
-use serde_json::Value;
 use sha2::Sha256;
 
+use super::leases::Settings;
+use super::sources::{self, Kind, SINGLE, Source};
+use super::template::{self, TemplateError};
 use super::{KEYS_ANNOTATION, LABEL, MERGE_ANNOTATION};
-use crate::api::baosecret::{BaoSecretSpec, KeyMapping};
+use crate::api::baosecret::{BaoSecretSpec, MAX_TEMPLATE_KEYS, MAX_TEMPLATE_TEXT, SourceStatus};
 use crate::api::checks::{self, TargetTypeError};
-use crate::api::{BaoSecret, CreationPolicy};
+use crate::api::{BaoSecret, BaoSecretStatus, CreationPolicy};
 use crate::conditions::Outcome;
 use crate::openbao_path::{self, Shape};
 use kubebao_openbao::duration::{self, Bounds};
@@ -33,8 +35,8 @@ pub struct Check {
     pub generation: Option<i64>,
     /// Data hash written (see [`data_hash`]).
     pub hash: String,
-    /// KV v2 version read.
-    pub kv_version: Option<u64>,
+    /// What each source held (name, path, KV v2 version).
+    pub sources: Vec<SourceStatus>,
     /// The role may not read KV metadata: read data directly.
     pub metadata_denied: bool,
     /// resourceVersion of the Secret as last written or verified by us.
@@ -107,17 +109,20 @@ pub fn check_size(target: &str, data: &BTreeMap<String, Vec<u8>>) -> Result<(), 
 }
 
 /// The parts of a BaoSecret's spec that are checked before anything is read.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct SyncSpec {
     /// How often OpenBao is checked.
     pub refresh: Duration,
-    /// Where the KV data (and metadata) is.
-    pub location: KvLocation,
+    /// What is read, in the spec's order (`secretPath`: one source named [`SINGLE`]).
+    pub sources: Vec<Source>,
+    /// When issued credentials are replaced and revoked (`spec.rotation`).
+    pub rotation: Settings,
 }
 
 /// Checks every spec field a sync uses before anything is read or written: the target's
-/// namespace and type, every name, `refreshInterval` and `secretPath`. Each refusal names the
-/// field (the CRD schema refuses the same values; this covers objects written around it).
+/// namespace and type, every name, `refreshInterval`, the sources and the templates. Each
+/// refusal names the field (the CRD schema refuses the same values; this covers objects
+/// written around it).
 pub fn sync_spec(spec: &BaoSecretSpec, ns: &str) -> Result<SyncSpec, Outcome> {
     if let Some(target_ns) = &spec.target.namespace
         && target_ns != ns
@@ -138,9 +143,64 @@ pub fn sync_spec(spec: &BaoSecretSpec, ns: &str) -> Result<SyncSpec, Outcome> {
         })?;
     }
     let refresh = refresh_interval(spec.refresh_interval.as_deref())?;
-    let location =
-        locate(&spec.secret_path, spec.kv_version).map_err(|m| failed(true, "InvalidSpec", m))?;
-    Ok(SyncSpec { refresh, location })
+    let sources = sources::sources(spec).map_err(|m| failed(true, "InvalidSpec", m))?;
+    check_keys(spec, &sources).map_err(|m| failed(true, "InvalidSpec", m))?;
+    check_template(spec)?;
+    let rotation =
+        Settings::from_spec(spec.rotation.as_ref()).map_err(|m| failed(true, "InvalidSpec", m))?;
+    Ok(SyncSpec {
+        refresh,
+        sources,
+        rotation,
+    })
+}
+
+/// `keys` and `template`: not both; each `keys[].source` one of the sources.
+fn check_keys(spec: &BaoSecretSpec, sources: &[Source]) -> Result<(), String> {
+    if spec.keys.is_some() && spec.template.is_some() {
+        return Err(
+            "spec.keys and spec.template are both set: a template names its own values, so set one of them"
+                .into(),
+        );
+    }
+    for (i, k) in spec.keys.iter().flatten().enumerate() {
+        if let Some(name) = &k.source
+            && !sources.iter().any(|s| &s.name == name)
+        {
+            let names: Vec<&str> = sources.iter().map(|s| s.name.as_str()).collect();
+            return Err(format!(
+                "spec.keys[{i}].source {name:?} is not one of the sources {names:?}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `template.data`: Secret keys, bounded texts, and every text parses (a syntax error is a
+/// `TemplateError` before anything is read).
+fn check_template(spec: &BaoSecretSpec) -> Result<(), Outcome> {
+    let Some(t) = &spec.template else {
+        return Ok(());
+    };
+    let invalid = |m: String| failed(true, "InvalidSpec", m);
+    if t.data.is_empty() || t.data.len() > MAX_TEMPLATE_KEYS {
+        return Err(invalid(format!(
+            "spec.template.data holds {} keys: give between 1 and {MAX_TEMPLATE_KEYS}",
+            t.data.len()
+        )));
+    }
+    for (key, text) in &t.data {
+        checks::secret_key("spec.template.data key", key).map_err(invalid)?;
+        if text.len() > MAX_TEMPLATE_TEXT {
+            return Err(invalid(format!(
+                "spec.template.data[{key:?}] is {} bytes long: at most {MAX_TEMPLATE_TEXT}",
+                text.len()
+            )));
+        }
+    }
+    template::check(&t.data).map_err(|e| match e {
+        TemplateError::Failed(m) | TemplateError::TooLarge(m) => failed(true, "TemplateError", m),
+    })
 }
 
 /// The names in `spec`: Kubernetes names, Secret keys, OpenBao role and mount.
@@ -154,6 +214,9 @@ fn check_names(spec: &BaoSecretSpec) -> Result<(), String> {
     }
     if let Some(mount) = &spec.auth_mount {
         openbao_path::check("spec.authMount", mount, Shape::Path).map_err(|e| e.to_string())?;
+    }
+    if let Some(ns) = &spec.openbao_namespace {
+        openbao_path::check("spec.openbaoNamespace", ns, Shape::Path).map_err(|e| e.to_string())?;
     }
     for (i, t) in spec.rollout_restart_targets.iter().flatten().enumerate() {
         checks::kube_name(&format!("spec.rolloutRestartTargets[{i}].name"), &t.name)?;
@@ -179,44 +242,6 @@ pub fn refresh_interval(spec: Option<&str>) -> Result<Duration, Outcome> {
 const REFRESH_BOUNDS: Bounds =
     Bounds::new(Duration::from_secs(1), Duration::from_secs(8760 * 3600));
 
-/// Where a `secretPath` points.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KvLocation {
-    /// 1 or 2.
-    pub version: u8,
-    /// API path of the data.
-    pub data_path: String,
-    /// API path of the KV v2 metadata.
-    pub metadata_path: Option<String>,
-}
-
-/// Checks `secretPath` (see `openbao_path`) and splits it into data and metadata API paths.
-pub fn locate(secret_path: &str, version: Option<u8>) -> Result<KvLocation, String> {
-    openbao_path::check("spec.secretPath", secret_path, Shape::Path).map_err(|e| e.to_string())?;
-    let path = secret_path;
-    if !path.contains('/') {
-        return Err(format!(
-            "spec.secretPath {secret_path:?} names a mount only: write <mount>/data/<path> (KV v2) or <mount>/<path> (KV v1)"
-        ));
-    }
-    let v2_split = path.split_once("/data/");
-    match (version, v2_split) {
-        (None | Some(2), Some((mount, rest))) if !rest.is_empty() => Ok(KvLocation {
-            version: 2,
-            data_path: path.to_string(),
-            metadata_path: Some(format!("{mount}/metadata/{rest}")),
-        }),
-        (Some(2), _) => Err(format!(
-            "spec.secretPath {secret_path:?} is not a KV v2 API path: write it as <mount>/data/<path>"
-        )),
-        _ => Ok(KvLocation {
-            version: 1,
-            data_path: path.to_string(),
-            metadata_path: None,
-        }),
-    }
-}
-
 /// HMAC-SHA256 of sorted key/value pairs.
 pub fn data_hash(key: &[u8], data: &BTreeMap<String, Vec<u8>>) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
@@ -227,34 +252,6 @@ pub fn data_hash(key: &[u8], data: &BTreeMap<String, Vec<u8>>) -> String {
         mac.update(v);
     }
     format!("hmac-sha256:{}", hex::encode(mac.finalize().into_bytes()))
-}
-
-/// Picks and renames keys; non-string values are stored as their JSON text.
-pub fn select_keys(
-    data: &serde_json::Map<String, Value>,
-    keys: Option<&[KeyMapping]>,
-) -> Result<BTreeMap<String, Vec<u8>>, String> {
-    let bytes = |v: &Value| match v {
-        Value::String(s) => s.clone().into_bytes(),
-        other => other.to_string().into_bytes(),
-    };
-    match keys {
-        None => Ok(data.iter().map(|(k, v)| (k.clone(), bytes(v))).collect()),
-        Some(keys) => keys
-            .iter()
-            .map(|m| {
-                let v = data.get(&m.from).ok_or_else(|| {
-                    let mut have: Vec<&String> = data.keys().collect();
-                    have.sort();
-                    format!(
-                        "key {:?} is not in the OpenBao secret; it has {have:?}",
-                        m.from
-                    )
-                })?;
-                Ok((m.to.clone().unwrap_or_else(|| m.from.clone()), bytes(v)))
-            })
-            .collect(),
-    }
 }
 
 /// The keys of `secret` this operator manages (see [`KEYS_ANNOTATION`]); a missing key gets
@@ -408,12 +405,14 @@ fn may_write(bs: &BaoSecret, target: &Target) -> Result<(), Outcome> {
 /// What a successful sync did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Synced {
-    /// KV v2 version the Secret holds.
-    pub kv_version: Option<u64>,
+    /// What the Secret's data was built from (each source's name, path, KV v2 version).
+    pub sources: Vec<SourceStatus>,
     /// Data hash.
     pub hash: String,
     /// The Secret was written.
     pub wrote: bool,
+    /// OpenBao was asked (false: the last check is recent enough).
+    pub checked: bool,
     /// When to check again.
     pub next: Duration,
 }
@@ -423,10 +422,11 @@ pub struct Synced {
 pub enum Decision {
     /// Checked within the refresh interval and nothing changed: no OpenBao request.
     UpToDate(Synced),
-    /// Ask OpenBao for the KV v2 metadata; read the data only if the version moved.
+    /// Ask OpenBao for every source's KV v2 metadata (stopping at the first new version);
+    /// read the data only if a version moved.
     CheckMetadata {
-        /// API path of the metadata.
-        path: String,
+        /// API paths of the metadata, in the sources' order.
+        paths: Vec<String>,
     },
     /// Read the data.
     ReadData,
@@ -437,8 +437,8 @@ pub enum Decision {
 pub struct Plan {
     /// Data hash of the last check, else of the status.
     pub known_hash: Option<String>,
-    /// KV version of the last check, else of the status.
-    pub known_version: Option<u64>,
+    /// Each source with the KV version of the last check, else of the status.
+    pub known: Vec<SourceStatus>,
     /// The Secret holds what we last wrote and the spec's generation was synced already.
     pub settled: bool,
     /// The role may not read KV metadata.
@@ -447,22 +447,27 @@ pub struct Plan {
     pub secret_rv: Option<String>,
     /// How often OpenBao is checked.
     pub refresh: Duration,
+    /// The sources whose KV v2 metadata is checked (indices into `known`), in order.
+    pub metadata_of: Vec<usize>,
     uid: String,
     generation: Option<i64>,
 }
 
-/// Decides what to ask OpenBao, if anything, for `bs` as of `now`.
+/// Decides what to ask OpenBao, if anything, for `bs` as of `now`. `held` names the engine
+/// sources that hold a lease: like certificates, they are not read at a refresh (reading
+/// would issue new credentials); an engine source without a lease is read every time.
 pub fn plan(
     bs: &BaoSecret,
     last: Option<&Check>,
     target: &Target,
     spec: &SyncSpec,
     now: Instant,
+    held: &dyn Fn(&str) -> bool,
 ) -> Result<(Decision, Plan), Outcome> {
     may_write(bs, target)?;
     let status = bs.status.clone().unwrap_or_default();
     let generation = bs.metadata.generation;
-    let known_hash = last.map(|c| c.hash.clone()).or(status.data_hash);
+    let known_hash = last.map(|c| c.hash.clone()).or(status.data_hash.clone());
     let generation_current = match last {
         Some(c) => c.generation == generation,
         None => status.observed_generation == generation,
@@ -479,31 +484,77 @@ pub fn plan(
             rv.clone(),
         ),
     };
+    // Every read source on KV v2: metadata first. A KV v1 source has none, so its data is
+    // read, as is an engine source without a lease.
+    let mut metadata_of = Vec::new();
+    let mut metadata = Some(Vec::new());
+    for (i, s) in spec.sources.iter().enumerate() {
+        match &s.kind {
+            Kind::Kv(kv) => match (&kv.metadata_path, metadata.as_mut()) {
+                (Some(path), Some(paths)) => {
+                    paths.push(path.clone());
+                    metadata_of.push(i);
+                }
+                _ => metadata = None,
+            },
+            Kind::Engine(_) if !held(&s.name) => metadata = None,
+            Kind::Engine(_) | Kind::Certificate(_) => {}
+        }
+    }
     let plan = Plan {
-        known_version: last.map_or(status.kv_version, |c| c.kv_version),
+        known: known_sources(spec, last, &status),
         known_hash,
         settled: intact && generation_current,
         metadata_denied: last.is_some_and(|c| c.metadata_denied),
         secret_rv,
         refresh: spec.refresh,
+        metadata_of,
         uid: bs.uid().unwrap_or_default(),
         generation,
     };
-    let decision = match (last, &spec.location.metadata_path) {
+    let decision = match (last, metadata) {
         (Some(c), _) if plan.settled && now.saturating_duration_since(c.at) < plan.refresh => {
             Decision::UpToDate(Synced {
-                kv_version: c.kv_version,
+                sources: c.sources.clone(),
                 hash: c.hash.clone(),
                 wrote: false,
+                checked: false,
                 next: plan.refresh - now.saturating_duration_since(c.at),
             })
         }
-        (_, Some(path)) if plan.settled && !plan.metadata_denied => {
-            Decision::CheckMetadata { path: path.clone() }
+        (_, Some(paths)) if plan.settled && !plan.metadata_denied => {
+            Decision::CheckMetadata { paths }
         }
         _ => Decision::ReadData,
     };
     Ok((decision, plan))
+}
+
+/// Each source of `spec` with the KV version the Secret holds: from the last check, else from
+/// the status (`status.sources`, or `kvVersion` as an operator before sources wrote it). A
+/// source whose path changed has none.
+fn known_sources(
+    spec: &SyncSpec,
+    last: Option<&Check>,
+    status: &BaoSecretStatus,
+) -> Vec<SourceStatus> {
+    let held = last.map_or(&status.sources, |c| &c.sources);
+    spec.sources
+        .iter()
+        .map(|s| {
+            let path = s.path();
+            let version = match held.iter().find(|h| h.name == s.name && h.path == path) {
+                Some(h) => h.version,
+                None if last.is_none() && held.is_empty() && s.name == SINGLE => status.kv_version,
+                None => None,
+            };
+            SourceStatus {
+                name: s.name.clone(),
+                path: path.to_string(),
+                version,
+            }
+        })
+        .collect()
 }
 
 /// What the KV v2 metadata said.
@@ -525,23 +576,38 @@ pub struct WritePlan {
 }
 
 impl Plan {
-    /// After the metadata: `Some` when the version is the one the Secret holds (no data read),
-    /// `None` to read the data. A denied role reads data directly from then on (still one
-    /// request per refresh).
-    pub fn after_metadata(&mut self, metadata: Metadata) -> Option<Synced> {
-        match metadata {
-            Metadata::Version(v) if v.is_some() && v == self.known_version => Some(Synced {
-                kv_version: v,
-                hash: self.known_hash.clone().unwrap_or_default(),
-                wrote: false,
-                next: self.refresh,
-            }),
-            Metadata::Version(_) => None,
-            Metadata::Denied => {
-                self.metadata_denied = true;
-                None
-            }
+    /// True when `metadata` of the `i`th metadata path shows the version the Secret holds
+    /// (check the next one); false when the data must be read.
+    pub fn current(&self, i: usize, metadata: Metadata) -> bool {
+        let known = self
+            .metadata_of
+            .get(i)
+            .and_then(|&s| self.known.get(s))
+            .and_then(|s| s.version);
+        matches!(metadata, Metadata::Version(Some(v)) if known == Some(v))
+    }
+
+    /// After the sources' metadata (in order, up to the first not [`Plan::current`]): `Some`
+    /// when every source is at the version the Secret holds (no data read), `None` to read the
+    /// data. A denied role reads data directly from then on (one request per source and
+    /// refresh).
+    pub fn after_metadata(&mut self, metadata: &[Metadata]) -> Option<Synced> {
+        if metadata.contains(&Metadata::Denied) {
+            self.metadata_denied = true;
+            return None;
         }
+        let all_current = metadata.len() == self.metadata_of.len()
+            && metadata
+                .iter()
+                .enumerate()
+                .all(|(i, m)| self.current(i, *m));
+        all_current.then(|| Synced {
+            sources: self.known.clone(),
+            hash: self.known_hash.clone().unwrap_or_default(),
+            wrote: false,
+            checked: true,
+            next: self.refresh,
+        })
     }
 
     /// After reading data with hash `hash`: write unless the Secret already holds it; restart
@@ -561,7 +627,7 @@ impl Plan {
             uid: self.uid.clone(),
             generation: self.generation,
             hash: synced.hash.clone(),
-            kv_version: synced.kv_version,
+            sources: synced.sources.clone(),
             metadata_denied: self.metadata_denied,
             secret_rv: self.secret_rv.clone(),
         }

@@ -10,16 +10,18 @@ use kube::api::{Api, ObjectMeta, Patch, PatchParams};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use kubebao_openbao::{KvSecret, SecretString};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
+use super::certificate::{CA_CRT, TLS_CRT, TLS_KEY};
 use super::plan::{
-    Check, Failure, KvLocation, MAX_SECRET_BYTES, Metadata, Target, data_size, failed, rejected,
+    Check, Failure, MAX_SECRET_BYTES, Metadata, Plan, Target, data_size, failed, rejected,
     unchanged,
 };
+use super::sources::KvLocation;
 use super::{KEYS_ANNOTATION, LABEL, MANAGER, SecretsContext};
 use crate::api::BaoSecret;
 use crate::api::CreationPolicy;
-use crate::api::baosecret::{RolloutTarget, WorkloadKind};
+use crate::api::baosecret::{BaoSecretSpec, RolloutTarget, WorkloadKind};
 use crate::conditions::Outcome;
 use crate::context::{Context, Settings};
 use crate::tenant::{TenantError, TenantIdentity};
@@ -79,7 +81,8 @@ pub async fn read_target(
     Ok(Target::read(secret.as_ref(), &ctx.hash_key))
 }
 
-/// Who reads OpenBao for `bs`: its ServiceAccount, role, auth mount and audience.
+/// Who reads OpenBao for `bs`: its ServiceAccount, role, auth mount, audience and OpenBao
+/// namespace.
 pub fn tenant_identity(bs: &BaoSecret, ns: &str, settings: &Settings) -> TenantIdentity {
     let spec = &bs.spec;
     TenantIdentity {
@@ -97,6 +100,7 @@ pub fn tenant_identity(bs: &BaoSecret, ns: &str, settings: &Settings) -> TenantI
             .audience
             .clone()
             .unwrap_or_else(|| settings.token_audience.clone()),
+        openbao_namespace: spec.openbao_namespace.clone(),
     }
 }
 
@@ -110,7 +114,7 @@ pub async fn tenant_token(ctx: &Context, who: &TenantIdentity) -> Result<SecretS
 
 /// After OpenBao refused `who`'s `token`: a fresh token to retry with once when the refused
 /// one was dead (revoked, expired); None when the refusal is the role's policy.
-async fn tenant_denied(
+pub async fn tenant_denied(
     ctx: &Context,
     who: &TenantIdentity,
     token: &SecretString,
@@ -156,7 +160,7 @@ fn tenant_outcome(e: TenantError) -> Outcome {
 }
 
 /// The condition for an OpenBao error while `who` accessed `path`.
-fn openbao_outcome(e: &kubebao_openbao::Error, who: &TenantIdentity, path: &str) -> Outcome {
+pub fn openbao_outcome(e: &kubebao_openbao::Error, who: &TenantIdentity, path: &str) -> Outcome {
     use kubebao_openbao::Error as E;
     match e {
         E::PermissionDenied { .. } => failed(
@@ -170,8 +174,39 @@ fn openbao_outcome(e: &kubebao_openbao::Error, who: &TenantIdentity, path: &str)
     }
 }
 
+/// Reads the sources' KV v2 metadata at `paths` in order, stopping at the first that is not at
+/// the version the Secret holds (the data is read then anyway).
+pub async fn check_metadata(
+    ctx: &Context,
+    token: &SecretString,
+    paths: &[String],
+    plan: &Plan,
+    who: &TenantIdentity,
+) -> Result<Vec<Metadata>, Outcome> {
+    let mut seen = Vec::with_capacity(paths.len());
+    for (i, path) in paths.iter().enumerate() {
+        let metadata = read_kv_version(ctx, token, path, who).await?;
+        seen.push(metadata);
+        if !plan.current(i, metadata) {
+            break;
+        }
+    }
+    Ok(seen)
+}
+
+/// Reads a KV source's data; returns it with its KV v2 version (None for KV v1).
+pub async fn read_kv_source(
+    ctx: &Context,
+    token: &SecretString,
+    location: &KvLocation,
+    who: &TenantIdentity,
+) -> Result<(Map<String, Value>, Option<u64>), Outcome> {
+    let kv = read_kv(ctx, token, location, who).await?;
+    Ok((kv.data, (location.version == 2).then_some(kv.version)))
+}
+
 /// Reads the current version from the KV v2 metadata at `path`.
-pub async fn read_kv_version(
+async fn read_kv_version(
     ctx: &Context,
     token: &SecretString,
     path: &str,
@@ -179,7 +214,7 @@ pub async fn read_kv_version(
 ) -> Result<Metadata, Outcome> {
     match ctx
         .metrics
-        .openbao("kv_metadata", ctx.bao.read(path, token).await)
+        .openbao("kv_metadata", who.client(&ctx.bao).read(path, token).await)
     {
         Ok(meta) => Ok(Metadata::Version(
             meta.data
@@ -194,7 +229,7 @@ pub async fn read_kv_version(
 
 /// Reads the KV data (v1 or v2); a refused token that turns out dead is replaced and the read
 /// retried once.
-pub async fn read_kv(
+async fn read_kv(
     ctx: &Context,
     token: &SecretString,
     location: &KvLocation,
@@ -202,9 +237,11 @@ pub async fn read_kv(
 ) -> Result<KvSecret, Outcome> {
     let path = &location.data_path;
     let outcome = |e: kubebao_openbao::Error| openbao_outcome(&e, who, path);
-    match read_kv_once(ctx, token, location).await {
+    match read_kv_once(ctx, token, location, who).await {
         Err(e) if e.is_permission_denied() => match tenant_denied(ctx, who, token).await? {
-            Some(fresh) => read_kv_once(ctx, &fresh, location).await.map_err(outcome),
+            Some(fresh) => read_kv_once(ctx, &fresh, location, who)
+                .await
+                .map_err(outcome),
             None => Err(outcome(e)),
         },
         read => read.map_err(outcome),
@@ -215,12 +252,14 @@ async fn read_kv_once(
     ctx: &Context,
     token: &SecretString,
     location: &KvLocation,
+    who: &TenantIdentity,
 ) -> kubebao_openbao::Result<KvSecret> {
     let path = &location.data_path;
+    let bao = who.client(&ctx.bao);
     let read = if location.version == 2 {
-        ctx.bao.kv2_read_api_path(token, path).await
+        bao.kv2_read_api_path(token, path).await
     } else {
-        ctx.bao.kv1_read(token, path).await
+        bao.kv1_read(token, path).await
     };
     ctx.metrics.openbao("kv_read", read)
 }
@@ -254,7 +293,7 @@ fn desired_secret(bs: &BaoSecret, data: &BTreeMap<String, Vec<u8>>) -> Value {
         // Merge leaves the type of the existing Secret alone (it is immutable).
         type_: match spec.target.creation_policy {
             CreationPolicy::Merge => None,
-            _ => Some(spec.target.type_.clone().unwrap_or_else(|| "Opaque".into())),
+            _ => Some(secret_type(spec, data)),
         },
         data: Some(
             data.iter()
@@ -267,6 +306,24 @@ fn desired_secret(bs: &BaoSecret, data: &BTreeMap<String, Vec<u8>>) -> Value {
     value["apiVersion"] = json!("v1");
     value["kind"] = json!("Secret");
     value
+}
+
+/// The target Secret's type: `target.type`, else `kubernetes.io/tls` when the data is exactly
+/// one certificate source's (`tls.crt`, `tls.key`, `ca.crt`), else `Opaque`.
+fn secret_type(spec: &BaoSecretSpec, data: &BTreeMap<String, Vec<u8>>) -> String {
+    if let Some(t) = &spec.target.type_ {
+        return t.clone();
+    }
+    let one_certificate = matches!(spec.sources.as_deref(), Some([s]) if s.certificate.is_some());
+    let tls_keys = data
+        .keys()
+        .map(String::as_str)
+        .eq([CA_CRT, TLS_CRT, TLS_KEY]);
+    if one_certificate && spec.keys.is_none() && spec.template.is_none() && tls_keys {
+        "kubernetes.io/tls".into()
+    } else {
+        "Opaque".into()
+    }
 }
 
 /// Writes the target Secret (server-side apply); returns its new resourceVersion. A write the

@@ -4,11 +4,22 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use super::sources::locate;
 use super::*;
+use crate::api::baosecret::KeyMapping;
 
 const SECOND: Duration = Duration::from_secs(1);
 const HOUR: Duration = Duration::from_secs(3600);
 const METADATA: &str = "secret/metadata/team/app";
+
+/// What the `secretPath` form read, at KV version `version`.
+fn read_at(version: Option<u64>) -> Vec<SourceStatus> {
+    vec![SourceStatus {
+        name: "secret".into(),
+        path: "secret/data/team/app".into(),
+        version,
+    }]
+}
 
 fn baosecret(policy: &str, generation: i64) -> BaoSecret {
     serde_json::from_value(json!({
@@ -40,7 +51,7 @@ fn check(at: Instant) -> Check {
         uid: "uid-1".into(),
         generation: Some(1),
         hash: "h1".into(),
-        kv_version: Some(3),
+        sources: read_at(Some(3)),
         metadata_denied: false,
         secret_rv: Some("10".into()),
     }
@@ -77,7 +88,7 @@ fn foreign(merge_from: &[&str], type_: &str) -> Target {
 
 fn decide(bs: &BaoSecret, last: Option<&Check>, target: &Target, now: Instant) -> (Decision, Plan) {
     let spec = sync_spec(&bs.spec, "team").unwrap();
-    plan(bs, last, target, &spec, now).unwrap()
+    plan(bs, last, target, &spec, now, &|_| false).unwrap()
 }
 
 fn reason(result: Result<(Decision, Plan), Outcome>) -> (bool, String) {
@@ -95,9 +106,10 @@ fn an_intact_secret_within_the_refresh_interval_needs_no_openbao_request() {
     assert_eq!(
         decision,
         Decision::UpToDate(Synced {
-            kv_version: Some(3),
+            sources: read_at(Some(3)),
             hash: "h1".into(),
             wrote: false,
+            checked: false,
             next: 50 * 60 * SECOND,
         })
     );
@@ -113,25 +125,32 @@ fn an_intact_secret_past_the_refresh_checks_metadata_first() {
     assert_eq!(
         decision,
         Decision::CheckMetadata {
-            path: METADATA.into()
+            paths: vec![METADATA.into()]
         }
     );
     // Same version: done with this one request, remembered as checked now.
     let synced = plan
         .clone()
-        .after_metadata(Metadata::Version(Some(3)))
+        .after_metadata(&[Metadata::Version(Some(3))])
         .unwrap();
     assert_eq!(
-        (synced.hash.as_str(), synced.wrote, synced.next),
-        ("h1", false, HOUR)
+        (
+            synced.hash.as_str(),
+            synced.wrote,
+            synced.checked,
+            synced.next
+        ),
+        ("h1", false, true, HOUR)
     );
+    assert_eq!(synced.sources, read_at(Some(3)));
     let remembered = plan.check(&synced, later);
     assert_eq!(
         (remembered.at, remembered.secret_rv.as_deref()),
         (later, Some("10"))
     );
     // A new version: read the data; new data is written and restarts workloads.
-    assert_eq!(plan.after_metadata(Metadata::Version(Some(4))), None);
+    assert!(!plan.current(0, Metadata::Version(Some(4))));
+    assert_eq!(plan.after_metadata(&[Metadata::Version(Some(4))]), None);
     assert_eq!(
         plan.write_plan("h2"),
         WritePlan {
@@ -148,11 +167,11 @@ fn a_restarted_operator_checks_metadata_first_when_the_secret_matches_the_status
     assert_eq!(
         decision,
         Decision::CheckMetadata {
-            path: METADATA.into()
+            paths: vec![METADATA.into()]
         }
     );
     assert_eq!(
-        (plan.known_version, plan.secret_rv.as_deref()),
+        (plan.known[0].version, plan.secret_rv.as_deref()),
         (Some(3), Some("11"))
     );
     let (decision, _) = decide(&bs, None, &found(Some("app"), "edited"), Instant::now());
@@ -174,9 +193,10 @@ fn a_changed_generation_reads_data() {
         }
     );
     let synced = Synced {
-        kv_version: Some(3),
+        sources: read_at(Some(3)),
         hash: "h1".into(),
         wrote: true,
+        checked: true,
         next: HOUR,
     };
     assert_eq!(plan.check(&synced, t0).generation, Some(2));
@@ -214,7 +234,7 @@ fn a_secret_not_owned_by_this_baosecret_is_refused_unless_merge() {
     for owner in [None, Some("other")] {
         for policy in ["Owner", "Orphan"] {
             let bs = baosecret(policy, 1);
-            let result = plan(&bs, None, &found(owner, "x"), &spec, now);
+            let result = plan(&bs, None, &found(owner, "x"), &spec, now, &|_| false);
             assert_eq!(
                 reason(result),
                 (true, "TargetExists".into()),
@@ -223,10 +243,10 @@ fn a_secret_not_owned_by_this_baosecret_is_refused_unless_merge() {
         }
     }
     let merge = baosecret("Merge", 1);
-    let result = plan(&merge, None, &Target::Missing, &spec, now);
+    let result = plan(&merge, None, &Target::Missing, &spec, now, &|_| false);
     assert_eq!(reason(result), (false, "TargetNotFound".into()));
     // Unchanged since we wrote it: not read, so not refused.
-    assert!(plan(&merge, None, &unchanged_target(), &spec, now).is_ok());
+    assert!(plan(&merge, None, &unchanged_target(), &spec, now, &|_| false).is_ok());
 }
 
 /// A Secret of this BaoSecret whose label someone removed (a user, a GitOps tool).
@@ -256,7 +276,7 @@ fn a_secret_without_its_label_is_still_ours_by_its_owner_reference_and_relabelle
     let spec = sync_spec(&bs.spec, "team").unwrap();
     for policy in ["Owner", "Orphan"] {
         let bs = baosecret(policy, 1);
-        let result = plan(&bs, None, &unlabelled("uid-2", "h1"), &spec, t0);
+        let result = plan(&bs, None, &unlabelled("uid-2", "h1"), &spec, t0, &|_| false);
         assert_eq!(reason(result), (true, "TargetExists".into()), "{policy}");
     }
     // The owner reference is read from the Secret: BaoSecrets' only.
@@ -308,7 +328,7 @@ fn merge_needs_the_secrets_own_opt_in() {
         found(Some("app"), "x"),
         foreign(&["other"], "Opaque"),
     ] {
-        let result = plan(&merge, None, &target, &spec, now);
+        let result = plan(&merge, None, &target, &spec, now, &|_| false);
         assert_eq!(reason(result.clone()), (true, "MergeNotAllowed".into()));
         let message = result.unwrap_err().message().to_string();
         assert!(
@@ -352,7 +372,14 @@ fn secret_types_kubernetes_acts_on_are_never_targets() {
         // An existing Secret of that type, even one that opts in to a merge.
         let merge = baosecret("Merge", 1);
         let spec = sync_spec(&merge.spec, "team").unwrap();
-        let result = plan(&merge, None, &foreign(&["app"], forbidden), &spec, now);
+        let result = plan(
+            &merge,
+            None,
+            &foreign(&["app"], forbidden),
+            &spec,
+            now,
+            &|_| false,
+        );
         assert_eq!(reason(result), (true, "ForbiddenTargetType".into()));
     }
 }
@@ -400,14 +427,15 @@ fn metadata_denied_reads_data_directly_from_then_on() {
     assert_eq!(
         decision,
         Decision::CheckMetadata {
-            path: METADATA.into()
+            paths: vec![METADATA.into()]
         }
     );
-    assert_eq!(plan.after_metadata(Metadata::Denied), None);
+    assert_eq!(plan.after_metadata(&[Metadata::Denied]), None);
     let synced = Synced {
-        kv_version: Some(3),
+        sources: read_at(Some(3)),
         hash: "h1".into(),
         wrote: false,
+        checked: true,
         next: HOUR,
     };
     let remembered = plan.check(&synced, later);
@@ -440,9 +468,10 @@ fn a_written_secret_is_remembered_by_its_new_resource_version() {
     let (_, mut plan) = decide(&bs, None, &Target::Missing, Instant::now());
     plan.secret_rv = Some("12".into());
     let synced = Synced {
-        kv_version: Some(1),
+        sources: read_at(Some(1)),
         hash: "h1".into(),
         wrote: true,
+        checked: true,
         next: HOUR,
     };
     let remembered = plan.check(&synced, Instant::now());
@@ -518,16 +547,6 @@ fn a_read_secret_is_hashed_over_the_keys_it_says_we_manage() {
 }
 
 #[test]
-fn locates_kv_v2_and_v1_paths() {
-    let v2 = locate("secret/data/myapp", None).unwrap();
-    assert_eq!(v2.version, 2);
-    assert_eq!(v2.metadata_path.as_deref(), Some("secret/metadata/myapp"));
-    let v1 = locate("kv1/app/db", None).unwrap();
-    assert_eq!((v1.version, v1.metadata_path), (1, None));
-    assert!(locate("kv/app", Some(2)).is_err());
-}
-
-#[test]
 fn hash_is_keyed_and_reveals_nothing() {
     let data: BTreeMap<String, Vec<u8>> = [("password".to_string(), b"hunter2".to_vec())].into();
     let a = data_hash(b"key-a", &data);
@@ -536,123 +555,5 @@ fn hash_is_keyed_and_reveals_nothing() {
     assert_eq!(a, data_hash(b"key-a", &data));
 }
 
-#[test]
-fn selects_and_renames_keys() {
-    let data = json!({"user": "u", "pass": "p", "n": 3})
-        .as_object()
-        .unwrap()
-        .clone();
-    let keys = vec![KeyMapping {
-        from: "pass".into(),
-        to: Some("password".into()),
-    }];
-    let out = select_keys(&data, Some(&keys)).unwrap();
-    assert_eq!(out.len(), 1);
-    assert_eq!(out["password"], b"p");
-    let missing = vec![KeyMapping {
-        from: "nope".into(),
-        to: None,
-    }];
-    let err = select_keys(&data, Some(&missing)).unwrap_err();
-    assert!(err.contains("\"n\", \"pass\", \"user\""), "{err}");
-    assert_eq!(select_keys(&data, None).unwrap()["n"], b"3");
-}
-
-mod properties {
-    //! Whatever a spec holds (schema-valid or written around the API server), planning never
-    //! panics, and a refused value is refused with a message naming its field.
-
-    use proptest::prelude::*;
-
-    use super::*;
-
-    /// Text that mixes valid path and duration characters with every kind of trouble.
-    fn text() -> impl Strategy<Value = String> {
-        prop_oneof![
-            "[a-z0-9./_+@=-]{0,40}",
-            "[0-9.hmsd]{0,30}",
-            "\\PC{0,30}",
-            Just("secret/data/../../sys/policies/acl/x".to_string()),
-            Just("99999999999999999999h".to_string()),
-            Just("kubernetes.io/service-account-token".to_string()),
-        ]
-    }
-
-    /// Sets one spec field (by its name in the schema) to `value`.
-    fn set(spec: &mut BaoSecretSpec, field: &str, value: String) {
-        match field {
-            "secretPath" => spec.secret_path = value,
-            "refreshInterval" => spec.refresh_interval = Some(value),
-            "role" => spec.role = Some(value),
-            "authMount" => spec.auth_mount = Some(value),
-            "serviceAccountName" => spec.service_account_name = Some(value),
-            "target.name" => spec.target.name = value,
-            "target.type" => spec.target.type_ = Some(value),
-            "target.namespace" => spec.target.namespace = Some(value),
-            "keys" => {
-                spec.keys = Some(vec![KeyMapping {
-                    from: "k".into(),
-                    to: Some(value),
-                }])
-            }
-            _ => unreachable!("{field}"),
-        }
-    }
-
-    const FIELDS: [&str; 9] = [
-        "secretPath",
-        "refreshInterval",
-        "role",
-        "authMount",
-        "serviceAccountName",
-        "target.name",
-        "target.type",
-        "target.namespace",
-        "keys",
-    ];
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(512))]
-
-        #[test]
-        fn a_refused_field_is_named_and_nothing_panics(
-            field in proptest::sample::select(&FIELDS[..]),
-            value in text(),
-            policy in proptest::sample::select(&["Owner", "Merge", "Orphan"][..]),
-            version in proptest::option::of(0u8..4),
-        ) {
-            let mut bs = baosecret(policy, 1);
-            bs.spec.kv_version = version.filter(|v| (1..=2).contains(v));
-            set(&mut bs.spec, field, value);
-            match sync_spec(&bs.spec, "team") {
-                Ok(spec) => {
-                    // Accepted: the paths built from it stay inside the named one.
-                    for path in [Some(&spec.location.data_path), spec.location.metadata_path.as_ref()].into_iter().flatten() {
-                        prop_assert!(path.split('/').all(|s| !s.is_empty() && s != "." && s != ".."), "{}", path);
-                    }
-                    prop_assert!(spec.refresh >= SECOND);
-                    for target in [Target::Missing, found(Some("app"), "h"), unchanged_target()] {
-                        let _ = plan(&bs, None, &target, &spec, Instant::now());
-                    }
-                }
-                Err(outcome) => {
-                    let stalled = matches!(outcome, Outcome::Stalled { .. });
-                    prop_assert!(stalled, "{:?}", outcome);
-                    let named = if field == "keys" { "spec.keys[0].to" } else { field };
-                    prop_assert!(outcome.message().contains(named), "{field}: {}", outcome.message());
-                }
-            }
-        }
-
-        #[test]
-        fn locate_never_panics_and_never_leaves_the_named_path(path in text(), version in proptest::option::of(1u8..=2)) {
-            match locate(&path, version) {
-                Ok(at) => {
-                    prop_assert!(at.data_path == path);
-                    prop_assert!(!path.split('/').any(|s| s == ".." || s == "."));
-                }
-                Err(e) => prop_assert!(e.starts_with("spec.secretPath "), "{}", e),
-            }
-        }
-    }
-}
+mod properties;
+mod sources;
