@@ -7,6 +7,13 @@
 //! per 1,000 BaoSecrets: the same refresh rate at every N). The operator's own variables
 //! (`KUBEBAO_CONCURRENCY`, `RUST_LOG`) pass through.
 //!
+//! `KUBEBAO_BENCH_DYNAMIC=<M>` (default 0) adds M BaoSecrets with leased credentials: one
+//! engine source each, `database/creds/bench` on a PostgreSQL from the test bed's Debian
+//! binaries (leases 1 h, renewable to 24 h: nothing is renewed or replaced during the run),
+//! spread over the same tenants. Reported for them: time to Ready, leases created (audit log),
+//! OpenBao requests in the refresh interval, and after every BaoSecret is deleted at the end,
+//! leases left unrevoked and PostgreSQL roles left.
+//!
 //! Layout: one tenant per 100 BaoSecrets, each with its own namespace, ServiceAccount `app`,
 //! OpenBao policy (its own KV paths and their metadata) and Kubernetes-auth role (named after
 //! the namespace: the BaoSecret default). Reports:
@@ -35,6 +42,7 @@ use kubebao_openbao::{Credentials, SecretString};
 use kubebao_testbed::{Component, Testbed, TestbedOptions, free_port, wait_for};
 use reqwest::Method;
 use serde_json::json;
+use support::leases::{self, Deletion, Issued};
 use support::{Memory, Scrape, mib};
 
 /// Requests in flight while setting up and in the baseline (the operator has its own bound).
@@ -51,6 +59,8 @@ const RSS_GOAL_MIB: f64 = 128.0;
 /// Which tenant and KV path each BaoSecret has.
 struct Layout {
     n: usize,
+    /// BaoSecrets with leased credentials (`KUBEBAO_BENCH_DYNAMIC`).
+    m: usize,
     tenants: Vec<String>,
 }
 
@@ -58,6 +68,16 @@ impl Layout {
     /// BaoSecret `i`: namespace and name (also its Secret's name and its KV path's last segment).
     fn item(&self, i: usize) -> (&str, String) {
         (&self.tenants[i / PER_TENANT], format!("s{i}"))
+    }
+
+    /// Leased-credentials BaoSecret `j`: namespace (round robin over the tenants) and name.
+    fn dynamic(&self, j: usize) -> (&str, String) {
+        (&self.tenants[j % self.tenants.len()], format!("d{j}"))
+    }
+
+    /// Every BaoSecret.
+    fn total(&self) -> usize {
+        self.n + self.m
     }
 }
 
@@ -71,7 +91,8 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 #[tokio::main]
 async fn main() {
     let n: usize = env_or("KUBEBAO_BENCH_N", 1000);
-    let default_refresh = 30 * n.div_ceil(1000).max(1) as u64;
+    let m: usize = env_or("KUBEBAO_BENCH_DYNAMIC", 0);
+    let default_refresh = 30 * (n + m).div_ceil(1000).max(1) as u64;
     let refresh = Duration::from_secs(env_or("KUBEBAO_BENCH_REFRESH_SECS", default_refresh));
     let bed = Testbed::start(TestbedOptions::default()).await;
     let kube = bed.client().await;
@@ -80,9 +101,14 @@ async fn main() {
     let started = Instant::now();
     let layout = Layout {
         n,
-        tenants: tenants(&bed, n.div_ceil(PER_TENANT)).await,
+        m,
+        tenants: tenants(&bed, n.div_ceil(PER_TENANT).max(1), m > 0).await,
     };
     write_kv(&bed, &layout).await;
+    let pg = match m {
+        0 => None,
+        _ => Some(leases::database(&bed).await),
+    };
     let setup = started.elapsed();
     eprintln!("set-up took {:.1} s", setup.as_secs_f64());
     let baseline = baseline(&bed, &kube, &layout).await;
@@ -97,24 +123,41 @@ async fn main() {
         "v1alpha1",
         "BaoSecret",
     ));
-    let start = Instant::now();
+    let total = layout.total();
+    let log = bed.openbao().audit_log().to_path_buf();
+    let (start, applied_mark) = (Instant::now(), support::audit_mark(&log));
     let cpu_start = support::cpu_snapshot(&processes);
-    let watch = support::ReadyWatch::start(Api::all_with(kube.clone(), &ar), n, start);
+    let watch = support::ReadyWatch::start(Api::all_with(kube.clone(), &ar), total, m, start);
     apply(&kube, &ar, &layout, refresh).await;
     let applied = start.elapsed();
     eprintln!("apply took {:.1} s", applied.as_secs_f64());
-    let timeout = READY_GOAL * 2 + Duration::from_millis(60 * n as u64);
-    let (marks, ready) = watch.wait(n, timeout).await;
+    let timeout = READY_GOAL * 2 + Duration::from_millis(60 * total as u64);
+    let [(marks, ready), dynamic_ready] = watch.wait(total, timeout).await;
     let cpu_ready = support::cpu_snapshot(&processes);
     let at_ready = support::memory(pid);
-    eprintln!("{ready}/{n} Ready; measuring one refresh interval ({refresh:?})");
+    let issued_at_ready = Issued::count(&log, applied_mark, support::audit_mark(&log));
+    eprintln!("{ready}/{total} Ready; measuring one refresh interval ({refresh:?})");
 
+    let window_start = k8s_openapi::jiff::Timestamp::now();
     let window = refresh_window(&bed, &kube, &metrics, &layout, refresh, &processes).await;
     let steady = support::memory(pid);
+    let dynamic = match &pg {
+        Some(pg) => Some(Dynamic {
+            ready: dynamic_ready,
+            checked: leases::checked_since(&kube, &ar, window_start, refresh).await,
+            issued_at_ready,
+            roles_before_deletion: pg.engine_roles().await,
+            leases_before_deletion: leases::leases_listed(&bed).await,
+            deletion: leases::delete_all(&bed, &kube, &ar, &layout.tenants, pg, total).await,
+            issued: Issued::count(&log, applied_mark, support::audit_mark(&log)),
+        }),
+        None => None,
+    };
     operator.stop();
 
     let bench = Figures {
         n,
+        m,
         tenants: layout.tenants.len(),
         refresh,
         setup,
@@ -125,37 +168,46 @@ async fn main() {
         cpu_ready: support::cpu_used(&processes, &cpu_start, &cpu_ready),
         memory: [idle, at_ready, steady],
         window,
+        dynamic,
     };
     bench.print();
 }
 
 /// One tenant per `PER_TENANT` BaoSecrets: namespace, ServiceAccount, policy, role.
-async fn tenants(bed: &Testbed, count: usize) -> Vec<String> {
+/// With `leased`, the policy also allows the leased credentials, and the role's tokens live
+/// as long as the leases can.
+async fn tenants(bed: &Testbed, count: usize, leased: bool) -> Vec<String> {
     bed.enable_kubernetes_auth().await;
     bed.openbao().enable_engine("secret", "kv", Some(2)).await;
     stream::iter(0..count)
-        .map(|_| tenant(bed))
+        .map(|_| tenant(bed, leased))
         .buffered(8)
         .collect()
         .await
 }
 
-async fn tenant(bed: &Testbed) -> String {
+async fn tenant(bed: &Testbed, leased: bool) -> String {
     let ns = bed.namespace("bench").await;
     bed.service_account(&ns, TENANT_SA).await;
     let bao = bed.openbao();
-    let policy = format!(
+    let mut policy = format!(
         "path \"secret/data/{ns}/*\" {{ capabilities = [\"read\"] }}\npath \"secret/metadata/{ns}/*\" {{ capabilities = [\"read\"] }}\n"
     );
+    if leased {
+        policy.push_str(&leases::policy());
+    }
     let body = json!({"policy": policy});
     bao.root(Method::POST, &format!("sys/policies/acl/{ns}"), Some(body))
         .await;
-    let role = json!({
+    let mut role = json!({
         "bound_service_account_names": [TENANT_SA],
         "bound_service_account_namespaces": [ns],
         "token_policies": [ns],
         "token_ttl": "1h",
     });
+    if leased {
+        role["token_max_ttl"] = json!(leases::MAX_TTL);
+    }
     bao.root(
         Method::POST,
         &format!("auth/kubernetes/role/{ns}"),
@@ -332,22 +384,29 @@ async fn start_operator(bed: &Testbed) -> (Component, String) {
     (operator, metrics)
 }
 
-/// Creates the N BaoSecrets.
+/// Creates the N KV BaoSecrets, then the M with leased credentials.
 async fn apply(kube: &kube::Client, ar: &ApiResource, layout: &Layout, refresh: Duration) {
     let refresh = format!("{}s", refresh.as_secs());
-    stream::iter(0..layout.n)
+    stream::iter(0..layout.total())
         .for_each_concurrent(CONCURRENCY, |i| {
-            let (ns, name) = layout.item(i);
+            let mut spec = json!({
+                "serviceAccountName": TENANT_SA,
+                "refreshInterval": refresh,
+            });
+            let (ns, name) = if i < layout.n {
+                let (ns, name) = layout.item(i);
+                spec["secretPath"] = json!(format!("secret/data/{ns}/{name}"));
+                (ns, name)
+            } else {
+                spec["sources"] = json!([{"name": "db", "engine": {"path": leases::CREDS}}]);
+                layout.dynamic(i - layout.n)
+            };
+            spec["target"] = json!({"name": name});
             let api: Api<DynamicObject> = Api::namespaced_with(kube.clone(), ns, ar);
             let obj = json!({
                 "apiVersion": "kubebao.io/v1alpha1", "kind": "BaoSecret",
                 "metadata": {"name": name},
-                "spec": {
-                    "secretPath": format!("secret/data/{ns}/{name}"),
-                    "serviceAccountName": TENANT_SA,
-                    "refreshInterval": refresh,
-                    "target": {"name": name},
-                },
+                "spec": spec,
             });
             async move {
                 let obj: DynamicObject = serde_json::from_value(obj).expect("BaoSecret");
@@ -433,6 +492,8 @@ struct Checks {
     metadata: usize,
     data: usize,
     logins: usize,
+    /// Leased credentials: engine reads and lease renewals or revocations.
+    engine: usize,
     other: usize,
     /// BaoSecrets whose metadata was read once, twice or more.
     once: usize,
@@ -458,6 +519,8 @@ impl Checks {
                 c.data += 1;
             } else if p.starts_with("auth/") && p.ends_with("/login") {
                 c.logins += 1;
+            } else if leases::is_engine_request(p) {
+                c.engine += 1;
             } else {
                 c.other += 1;
             }
@@ -476,8 +539,9 @@ impl Checks {
         c
     }
 
-    /// Exactly one metadata read per BaoSecret: none twice, none skipped (a check that
-    /// came less than a tenth of the interval late counts), and nothing else.
+    /// Exactly one metadata read per KV BaoSecret: none twice, none skipped (a check that
+    /// came less than a tenth of the interval late counts), and nothing else (the leased
+    /// credentials' requests are judged on their own).
     fn exactly_one(&self) -> bool {
         self.data + self.logins + self.other + self.more + self.missed == 0
     }
@@ -486,6 +550,7 @@ impl Checks {
 /// Everything measured, printed with the goals.
 struct Figures {
     n: usize,
+    m: usize,
     tenants: usize,
     refresh: Duration,
     setup: Duration,
@@ -497,6 +562,24 @@ struct Figures {
     /// Idle, all Ready, after the refresh window.
     memory: [Memory; 3],
     window: Window,
+    /// With `KUBEBAO_BENCH_DYNAMIC`.
+    dynamic: Option<Dynamic>,
+}
+
+/// What the BaoSecrets with leased credentials cost.
+struct Dynamic {
+    /// Their own Ready marks and count.
+    ready: support::Readiness,
+    /// Checked in the refresh interval (`status.nextRefreshTime` moved).
+    checked: usize,
+    /// Engine reads from the apply until all were Ready, and over the whole run.
+    issued_at_ready: Issued,
+    issued: Issued,
+    /// PostgreSQL roles the engine created, and leases OpenBao lists, after the refresh
+    /// interval (before the deletion).
+    roles_before_deletion: usize,
+    leases_before_deletion: Result<usize, String>,
+    deletion: Deletion,
 }
 
 impl Figures {
@@ -507,8 +590,17 @@ impl Figures {
         } else {
             "release"
         };
+        let leased = match self.m {
+            0 => String::new(),
+            m => format!(
+                " + M = {m} with leased credentials (one engine source each, {}, lease ttl {}, max {})",
+                leases::CREDS,
+                leases::TTL,
+                leases::MAX_TTL
+            ),
+        };
         println!(
-            "operator benchmark, N = {n} BaoSecrets over {n} KV v2 paths in {} tenant namespaces ({build} build, test bed on this machine)",
+            "operator benchmark, N = {n} BaoSecrets over {n} KV v2 paths{leased} in {} tenant namespaces ({build} build, test bed on this machine)",
             self.tenants
         );
         println!(
@@ -530,7 +622,7 @@ impl Figures {
         println!(
             "  operator: apply took {:.1} s ({:.0} creates/s); Ready: {} → ratio to baseline {ratio}",
             self.applied.as_secs_f64(),
-            n as f64 / self.applied.as_secs_f64(),
+            (n + self.m) as f64 / self.applied.as_secs_f64(),
             marks.join(", "),
         );
         println!(
@@ -546,7 +638,13 @@ impl Figures {
             mib(steady.peak)
         );
         self.print_window();
+        if let Some(d) = &self.dynamic {
+            d.print(self.m, self.window.audit.engine);
+        }
         self.print_goals();
+        if let Some(d) = &self.dynamic {
+            d.print_goals(self.m, self.window.audit.engine);
+        }
     }
 
     fn all_ready(&self) -> Option<Duration> {
@@ -554,7 +652,7 @@ impl Figures {
     }
 
     fn print_window(&self) {
-        let (n, w, a) = (self.n, &self.window, &self.window.audit);
+        let (n, w, a) = (self.n + self.m, &self.window, &self.window.audit);
         let secs = self.refresh.as_secs();
         println!(
             "  one refresh interval ({secs} s, {:.0} checks/s) with nothing changed:",
@@ -573,12 +671,13 @@ impl Figures {
             w.writes
         );
         println!(
-            "    OpenBao audit log: {} requests ({:.3} per BaoSecret): {} metadata reads, {} data reads, {} logins, {} other",
+            "    OpenBao audit log: {} requests ({:.3} per BaoSecret): {} metadata reads, {} data reads, {} logins, {} leased credentials, {} other",
             a.total,
             a.total as f64 / n as f64,
             a.metadata,
             a.data,
             a.logins,
+            a.engine,
             a.other,
         );
         println!(
@@ -620,8 +719,7 @@ impl Figures {
     }
 
     fn print_goals(&self) {
-        let verdict = |ok: bool| if ok { "PASS" } else { "FAIL" };
-        let (n, a) = (self.n, &self.window.audit);
+        let (n, a) = (self.n + self.m, &self.window.audit);
         let all = self.all_ready();
         let ready_ok = self.ready == n && all.is_some_and(|t| t <= READY_GOAL);
         println!("  goals:");
@@ -642,9 +740,10 @@ impl Figures {
             mib(steady.peak)
         );
         println!(
-            "    {} one OpenBao request per BaoSecret per refresh, nothing changed: {} of {n} checked exactly once ({} a little late), {} other requests",
+            "    {} one OpenBao request per KV BaoSecret per refresh, nothing changed: {} of {} checked exactly once ({} a little late), {} other requests",
             verdict(a.exactly_one()),
             a.once + a.late,
+            self.n,
             a.late,
             a.data + a.logins + a.other
         );
@@ -659,4 +758,101 @@ impl Figures {
 /// CPU cores of this machine.
 fn cores() -> f64 {
     std::thread::available_parallelism().map_or(1, |n| n.get()) as f64
+}
+
+/// PASS or FAIL.
+fn verdict(ok: bool) -> &'static str {
+    if ok { "PASS" } else { "FAIL" }
+}
+
+/// Ready marks as "10 % 1.2 s, …".
+fn marks_text(marks: &[(usize, Duration)]) -> String {
+    let marks: Vec<String> = marks
+        .iter()
+        .map(|(p, t)| format!("{p} % {:.1} s", t.as_secs_f64()))
+        .collect();
+    marks.join(", ")
+}
+
+impl Dynamic {
+    fn all_ready(&self) -> Option<Duration> {
+        self.ready.0.iter().find(|(p, _)| *p == 100).map(|m| m.1)
+    }
+
+    /// `engine`: their OpenBao requests in the refresh interval.
+    fn print(&self, m: usize, engine: usize) {
+        let d = &self.deletion;
+        println!("  leased credentials ({m} BaoSecrets):");
+        println!(
+            "    Ready (these alone): {}; leases created until then {} ({} refused)",
+            marks_text(&self.ready.0),
+            self.issued_at_ready.leases(),
+            self.issued_at_ready.failed,
+        );
+        println!(
+            "    before deleting: OpenBao lists {} leases under {}, PostgreSQL has {} roles from the engine",
+            match &self.leases_before_deletion {
+                Ok(n) => n.to_string(),
+                Err(e) => format!("? ({e})"),
+            },
+            leases::CREDS,
+            self.roles_before_deletion
+        );
+        println!(
+            "    one refresh interval with nothing changed: {} of {m} checked in it (or up to a tenth of it late), {engine} OpenBao requests for them ({:.3} per BaoSecret)",
+            self.checked,
+            engine as f64 / m as f64
+        );
+        println!(
+            "    deleting every BaoSecret: {} in {}; {} revocations ({} refused); leases left {}, PostgreSQL roles left {}",
+            if d.remaining == 0 {
+                "all gone"
+            } else {
+                "NOT all gone"
+            },
+            format_args!("{:.1} s", d.took.as_secs_f64()),
+            d.revocations,
+            d.revocations_failed,
+            d.leases_left_text(),
+            d.roles_left
+        );
+        println!(
+            "    over the whole run: {} leases created ({} refused)",
+            self.issued.leases(),
+            self.issued.failed
+        );
+    }
+
+    fn print_goals(&self, m: usize, engine: usize) {
+        let d = &self.deletion;
+        println!(
+            "    {} all {m} with leased credentials Ready within {} s: {}",
+            verdict(self.ready.1 == m && self.all_ready().is_some_and(|t| t <= READY_GOAL)),
+            READY_GOAL.as_secs(),
+            self.all_ready()
+                .map_or(format!("{}/{m} Ready", self.ready.1), |t| format!(
+                    "{:.1} s",
+                    t.as_secs_f64()
+                ))
+        );
+        println!(
+            "    {} one lease per BaoSecret with leased credentials: {} leases created for {m}",
+            verdict(self.issued.leases() == m),
+            self.issued.leases()
+        );
+        println!(
+            "    {} no OpenBao request for leased credentials within their TTL, nothing changed: {engine}",
+            verdict(engine == 0)
+        );
+        println!(
+            "    {} every lease revoked when its BaoSecret is deleted: {} left",
+            verdict(d.leases_left == Ok(0) && d.remaining == 0),
+            d.leases_left_text()
+        );
+        println!(
+            "    {} no PostgreSQL role left after deletion: {}",
+            verdict(d.roles_left == 0),
+            d.roles_left
+        );
+    }
 }

@@ -387,7 +387,7 @@ impl Provider {
             return Ok(data);
         }
         let (path, body) = match key.method {
-            FetchMethod::Get => (with_query(&key.path, args), None),
+            FetchMethod::Get => (kubebao_openbao::with_query(&key.path, args), None),
             _ => (key.path.clone(), Some(Value::Object(args.clone()))),
         };
         self.metrics.openbao(match key.method {
@@ -454,34 +454,6 @@ fn classify(e: BaoError, who: &Who, objects: Vec<String>) -> MountError {
         e if e.is_unavailable() => MountError::Unavailable(e),
         source => MountError::OpenBao { objects, source },
     }
-}
-
-/// `path?k=v&…` with each part percent-encoded (GET `secretArgs`).
-fn with_query(path: &str, args: &Map<String, Value>) -> String {
-    if args.is_empty() {
-        return path.to_string();
-    }
-    let enc = |s: &str| {
-        s.bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                    (b as char).to_string()
-                }
-                _ => format!("%{b:02X}"),
-            })
-            .collect::<String>()
-    };
-    let query: Vec<String> = args
-        .iter()
-        .map(|(k, v)| {
-            let v = match v {
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            format!("{}={}", enc(k), enc(&v))
-        })
-        .collect();
-    format!("{path}?{}", query.join("&"))
 }
 
 #[cfg(test)]

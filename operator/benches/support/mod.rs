@@ -1,6 +1,9 @@
 //! Measuring helpers of the operator benchmark: Prometheus scrapes, process CPU and memory,
 //! OpenBao's audit log over a window, and a watch that times when every BaoSecret is Ready.
 
+pub mod leases;
+pub mod postgres;
+
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead as _, BufReader, Read as _, Seek as _, SeekFrom};
 use std::path::Path;
@@ -194,10 +197,16 @@ pub fn cpu_used(processes: &[(String, u32)], before: &[f64], after: &[f64]) -> (
     (text, used.iter().map(|(_, s)| s).sum())
 }
 
-/// A request OpenBao audited: its API path (no `/v1/`).
+/// A request (or its response) OpenBao audited.
 pub struct Audited {
-    /// E.g. `secret/metadata/<ns>/s1`.
+    /// API path without `/v1/`, e.g. `secret/metadata/<ns>/s1`.
     pub path: String,
+    /// `read`, `update`, `list`, …
+    pub operation: String,
+    /// A response entry (with `failed`), not the request.
+    pub response: bool,
+    /// The response carries an error.
+    pub failed: bool,
 }
 
 /// Where the audit log ends now: a mark for [`audited_since`].
@@ -208,6 +217,13 @@ pub fn audit_mark(log: &Path) -> u64 {
 /// The requests OpenBao audited between two marks (responses skipped). Reads only that part
 /// of the log, which stays small even when the whole log is large.
 pub fn audited_between(log: &Path, from: u64, to: u64) -> Vec<Audited> {
+    let mut entries = audit_entries(log, from, to);
+    entries.retain(|e| !e.response);
+    entries
+}
+
+/// Requests and responses OpenBao audited between two marks.
+pub fn audit_entries(log: &Path, from: u64, to: u64) -> Vec<Audited> {
     let mut file = std::fs::File::open(log).expect("open the OpenBao audit log");
     file.seek(SeekFrom::Start(from))
         .expect("seek the audit log");
@@ -215,19 +231,24 @@ pub fn audited_between(log: &Path, from: u64, to: u64) -> Vec<Audited> {
         .lines()
         .map_while(Result::ok)
         .filter_map(|line| serde_json::from_str::<Value>(&line).ok())
-        .filter(|e| e["type"] == "request")
+        .filter(|e| e["type"] == "request" || e["type"] == "response")
         .map(|e| Audited {
             path: e["request"]["path"].as_str().unwrap_or("").into(),
+            operation: e["request"]["operation"].as_str().unwrap_or("").into(),
+            response: e["type"] == "response",
+            failed: e.get("error").is_some_and(|v| !v.is_null() && v != ""),
         })
         .collect()
 }
 
-/// Watches every BaoSecret and times when 10 %, 50 %, 90 % and all of `n` are Ready.
+/// Watches every BaoSecret and times when 10 %, 50 %, 90 % and all of them are Ready: of
+/// all `n`, and of the `engines` that have an engine source (leased credentials).
 pub struct ReadyWatch {
-    progress: Arc<Progress>,
+    progress: Arc<[Progress; 2]>,
     task: tokio::task::JoinHandle<()>,
 }
 
+/// How far one group got.
 #[derive(Default)]
 struct Progress {
     ready: AtomicUsize,
@@ -235,10 +256,30 @@ struct Progress {
     marks: Mutex<Vec<(usize, Duration)>>,
 }
 
+/// What the watch saw of one group: the marks (percent, time) reached, and how many are Ready.
+pub type Readiness = (Vec<(usize, Duration)>, usize);
+
+impl Progress {
+    /// One more of `total` Ready at `at`.
+    fn one_more(&self, total: usize, at: Duration) {
+        let ready = self.ready.fetch_add(1, Ordering::Relaxed) + 1;
+        for pct in [10, 50, 90, 100] {
+            if ready == (total * pct).div_ceil(100).max(1) {
+                self.marks.lock().expect("marks lock").push((pct, at));
+            }
+        }
+    }
+
+    fn readiness(&self) -> Readiness {
+        let marks = self.marks.lock().expect("marks lock").clone();
+        (marks, self.ready.load(Ordering::Relaxed))
+    }
+}
+
 impl ReadyWatch {
     /// Starts watching; times count from `start`.
-    pub fn start(api: Api<DynamicObject>, n: usize, start: Instant) -> Self {
-        let progress = Arc::new(Progress::default());
+    pub fn start(api: Api<DynamicObject>, n: usize, engines: usize, start: Instant) -> Self {
+        let progress: Arc<[Progress; 2]> = Arc::default();
         let shared = progress.clone();
         let task = tokio::spawn(async move {
             let mut seen = HashSet::new();
@@ -257,12 +298,9 @@ impl ReadyWatch {
                 if !is_ready(&obj) || !seen.insert(key) {
                     continue;
                 }
-                shared.ready.store(seen.len(), Ordering::Relaxed);
-                for pct in [10, 50, 90, 100] {
-                    if seen.len() == (n * pct).div_ceil(100).max(1) {
-                        let mut marks = shared.marks.lock().expect("marks lock");
-                        marks.push((pct, start.elapsed()));
-                    }
+                shared[0].one_more(n, start.elapsed());
+                if has_engine_source(&obj) {
+                    shared[1].one_more(engines, start.elapsed());
                 }
                 if seen.len() >= n {
                     break;
@@ -272,9 +310,9 @@ impl ReadyWatch {
         Self { progress, task }
     }
 
-    /// Waits at most `timeout` for all to be Ready, saying how many are every 30 s: the
-    /// marks (percent, time) reached, and how many are Ready.
-    pub async fn wait(mut self, n: usize, timeout: Duration) -> (Vec<(usize, Duration)>, usize) {
+    /// Waits at most `timeout` for all to be Ready, saying how many are every 30 s: what was
+    /// seen of all, and of those with an engine source.
+    pub async fn wait(mut self, n: usize, timeout: Duration) -> [Readiness; 2] {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             let step = Duration::from_secs(30).min(deadline - Instant::now());
@@ -283,12 +321,11 @@ impl ReadyWatch {
             }
             eprintln!(
                 "  … {}/{n} Ready",
-                self.progress.ready.load(Ordering::Relaxed)
+                self.progress[0].ready.load(Ordering::Relaxed)
             );
         }
         self.task.abort();
-        let marks = self.progress.marks.lock().expect("marks lock").clone();
-        (marks, self.progress.ready.load(Ordering::Relaxed))
+        [self.progress[0].readiness(), self.progress[1].readiness()]
     }
 }
 
@@ -299,4 +336,10 @@ fn is_ready(obj: &DynamicObject) -> bool {
             c.iter()
                 .any(|c| c["type"] == "Ready" && c["status"] == "True")
         })
+}
+
+fn has_engine_source(obj: &DynamicObject) -> bool {
+    obj.data["spec"]["sources"]
+        .as_array()
+        .is_some_and(|s| s.iter().any(|s| s.get("engine").is_some()))
 }

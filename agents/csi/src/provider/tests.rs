@@ -4,16 +4,6 @@ use super::*;
 use crate::testing::{Bao, Kube, SharedBao, SharedKube, start_bao, start_kube};
 use serde_json::json;
 
-#[test]
-fn get_arguments_become_an_encoded_query() {
-    let args = json!({"version": 2, "name": "a b&c"});
-    assert_eq!(
-        with_query("secret/data/x", args.as_object().unwrap()),
-        "secret/data/x?name=a%20b%26c&version=2"
-    );
-    assert_eq!(with_query("kv/x", &Map::new()), "kv/x");
-}
-
 struct Bed {
     provider: Provider,
     bao: SharedBao,
