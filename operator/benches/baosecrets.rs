@@ -146,7 +146,7 @@ async fn main() {
             ready: dynamic_ready,
             checked: leases::checked_since(&kube, &ar, window_start, refresh).await,
             issued_at_ready,
-            roles_before_deletion: pg.engine_roles().await,
+            roles_before_deletion: pg.roles_like("v-%").await,
             leases_before_deletion: leases::leases_listed(&bed).await,
             deletion: leases::delete_all(&bed, &kube, &ar, &layout.tenants, pg, total).await,
             issued: Issued::count(&log, applied_mark, support::audit_mark(&log)),

@@ -16,6 +16,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, DynamicObject};
+use kubebao_testbed::Postgres;
 use kubebao_testbed::conditions::wait_condition;
 use kubebao_testbed::{Component, Testbed, free_port, wait_for};
 use reqwest::Method;
@@ -73,8 +74,7 @@ async fn setup() -> &'static Setup {
                 .to_string();
             let token_file = bed.dir().join("leases-operator-token");
             std::fs::write(&token_file, token).unwrap();
-            let pg = postgres(bed.dir()).await;
-            database_engine(bed, pg.port).await;
+            let pg = database(bed).await;
             pki_engine(bed).await;
             bed.install_crds();
             let operator = start_operator(bed, &token_file).await;
@@ -159,7 +159,7 @@ async fn leased_credentials_are_renewed_and_replaced_with_overlap_so_no_connecti
     let setup = setup().await;
     let _shared = GATE.read().await;
     let bed = setup.bed;
-    db_role(bed, "short", "20s", "40s").await;
+    setup.pg.database_role(bed, "short", "20s", "40s").await;
     let ns = tenant(bed, "leases", &engine_policy("database/creds/short")).await;
     deployment(bed, &ns, "app").await;
     apply_baosecret(
@@ -307,7 +307,7 @@ async fn deleting_a_baosecret_revokes_every_lease_it_holds() {
         bed.try_kubectl(&["apply", "--dry-run=server", "-f", "-"], example)
             .expect("the example is accepted");
     }
-    db_role(bed, "long", "1h", "2h").await;
+    setup.pg.database_role(bed, "long", "1h", "2h").await;
     let ns = tenant(bed, "leasedel", &engine_policy("database/creds/long")).await;
     apply_baosecret(
         bed,
@@ -450,7 +450,8 @@ async fn a_certificate_is_issued_once_and_renewed_once_past_its_share_of_life() 
         }
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Two more checks after the renewal: neither issues again.
+    refreshes(&api, "tls", 3).await;
     assert_eq!(audited(bed, &ns, issue, "update"), issued + 1);
     api.delete("tls", &DeleteParams::default()).await.unwrap();
 }
@@ -480,17 +481,22 @@ async fn assert_tls_secret(bed: &Testbed, ns: &str, name: &str) {
     );
 }
 
+/// Waits until BaoSecret `name` has been checked `n` times (n distinct `nextRefreshTime`s seen).
+async fn refreshes(api: &Api<DynamicObject>, name: &str, n: usize) {
+    let seen: RefCell<BTreeSet<String>> = RefCell::default();
+    wait_for(&format!("{n} refreshes"), WAIT, || async {
+        let next = status(api, name).await["nextRefreshTime"].to_string();
+        let mut seen = seen.borrow_mut();
+        seen.insert(next);
+        (seen.len() >= n).then_some(()).ok_or("not yet".to_string())
+    })
+    .await;
+}
+
 /// Makes BaoSecret `name` reconcile in every way short of a renewal: three refreshes, a spec
 /// change (a label for its Secret), and its Secret deleted (restored).
 async fn disturb(bed: &Testbed, ns: &str, api: &Api<DynamicObject>, name: &str) {
-    let refreshes: RefCell<BTreeSet<String>> = RefCell::default();
-    wait_for("three refreshes", WAIT, || async {
-        let next = status(api, name).await["nextRefreshTime"].to_string();
-        let mut seen = refreshes.borrow_mut();
-        seen.insert(next);
-        (seen.len() >= 3).then_some(()).ok_or("not yet".to_string())
-    })
-    .await;
+    refreshes(api, name, 3).await;
     let label = r#"{"spec":{"target":{"labels":{"tier":"web"}}}}"#;
     bed.kubectl(&[
         "-n",
@@ -545,7 +551,7 @@ async fn a_restarted_operator_resumes_leases_and_certificates_without_issuing_an
     let setup = setup().await;
     let _alone = GATE.write().await;
     let bed = setup.bed;
-    db_role(bed, "resume", "30s", "60s").await;
+    setup.pg.database_role(bed, "resume", "30s", "60s").await;
     let policy = engine_policy("database/creds/resume")
         + "path \"pki/issue/web\" { capabilities = [\"update\"] }\n";
     let ns = tenant(bed, "resume", &policy).await;

@@ -5,12 +5,12 @@
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use futures::StreamExt;
 use kubebao_proto::csi::VersionRequest;
-use kubebao_testbed::{Component, free_port, wait_for};
+use kubebao_testbed::{Component, Postgres, free_port, wait_for};
 use reqwest::Method;
 use serde_json::{Value, json};
 use support::*;
@@ -650,149 +650,13 @@ async fn sealed_openbao_is_a_clear_error_and_mounts_resume_after_unseal() {
     assert_eq!(file(&resp, "db-password").contents, b"pw");
 }
 
-/// PostgreSQL from Debian's packages, run as the `postgres` user when the tests run as root.
-struct Postgres {
-    _process: Component,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-async fn postgres() -> Postgres {
-    let bin = [
-        "/usr/lib/postgresql/15/bin",
-        "/usr/lib/postgresql/16/bin",
-        "/usr/lib/postgresql/17/bin",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.join("postgres").exists())
-    .expect("PostgreSQL is needed for the database-credentials test: apt-get install postgresql");
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let root = std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .unwrap()
-        .stdout
-        == b"0\n";
-    // postgres refuses to run as root: drop to the `postgres` user with setpriv (which execs,
-    // so the test bed's guard signals postgres itself).
-    let as_postgres = |program: PathBuf, args: Vec<String>| -> (PathBuf, Vec<String>) {
-        if root {
-            let mut a = vec![
-                "--reuid=postgres".to_string(),
-                "--regid=postgres".to_string(),
-                "--init-groups".to_string(),
-                "--".to_string(),
-                program.display().to_string(),
-            ];
-            a.extend(args);
-            (PathBuf::from("setpriv"), a)
-        } else {
-            (program, args)
-        }
-    };
-    if root {
-        let ids = std::process::Command::new("id")
-            .args(["-u", "postgres"])
-            .output()
-            .unwrap();
-        let uid: u32 = String::from_utf8_lossy(&ids.stdout)
-            .trim()
-            .parse()
-            .expect("a postgres user");
-        let gids = std::process::Command::new("id")
-            .args(["-g", "postgres"])
-            .output()
-            .unwrap();
-        let gid: u32 = String::from_utf8_lossy(&gids.stdout)
-            .trim()
-            .parse()
-            .unwrap();
-        std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
-    }
-    let (program, args) = as_postgres(
-        bin.join("initdb"),
-        vec![
-            format!("--pgdata={}", data.display()),
-            "--username=postgres".into(),
-            "--auth=trust".into(),
-            "--encoding=UTF8".into(),
-        ],
-    );
-    let out = std::process::Command::new(&program)
-        .args(&args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "initdb: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let port = free_port();
-    let (program, args) = as_postgres(
-        bin.join("postgres"),
-        vec![
-            "-D".into(),
-            data.display().to_string(),
-            "-p".into(),
-            port.to_string(),
-            "-h".into(),
-            "127.0.0.1".into(),
-            "-k".into(),
-            dir.path().display().to_string(),
-            "-c".into(),
-            "fsync=off".into(),
-        ],
-    );
-    let mut process = Component::start("postgres", dir.path(), &program, &args);
-    wait_for("PostgreSQL to listen", Duration::from_secs(30), || {
-        process.assert_running();
-        async move {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        }
-    })
-    .await;
-    Postgres {
-        _process: process,
-        port,
-        _dir: dir,
-    }
-}
-
 #[tokio::test]
 async fn database_credentials_are_kept_and_renewed_while_their_lease_is_valid() {
     let bed = bed().await;
-    let pg = postgres().await;
+    let pg = Postgres::start(bed.dir(), "postgres").await;
     let _gate = OPENBAO_GATE.read().await;
-    let bao = bed.openbao();
-    bao.enable_engine("database", "database", None).await;
-    bao.root(
-        Method::POST,
-        "database/config/pg",
-        Some(json!({
-            "plugin_name": "postgresql-database-plugin",
-            "connection_url": format!("postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{}/postgres?sslmode=disable", pg.port),
-            "username": "postgres",
-            "password": "trust-auth-ignores-it",
-            "allowed_roles": ["app"],
-        })),
-    )
-    .await;
-    bao.root(
-        Method::POST,
-        "database/roles/app",
-        Some(json!({
-            "db_name": "pg",
-            "creation_statements": ["CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';"],
-            "default_ttl": "30s",
-            "max_ttl": "10m",
-        })),
-    )
-    .await;
+    pg.database_engine(bed, &["app"]).await;
+    pg.database_role(bed, "app", "30s", "10m").await;
     let ns = bed.namespace("database").await;
     let pod = pod(bed, &ns, "web", "app").await;
     let token = kubelet_token(bed, &pod, "openbao").await;

@@ -9,10 +9,8 @@ use futures::{StreamExt, stream};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams};
 use kubebao_openbao::Error;
-use kubebao_testbed::Testbed;
+use kubebao_testbed::{Postgres, Testbed};
 use reqwest::Method;
-
-use super::postgres::Postgres;
 
 /// The database engine's role every leased-credentials BaoSecret reads.
 const ROLE: &str = "bench";
@@ -25,8 +23,9 @@ pub const MAX_TTL: &str = "24h";
 
 /// PostgreSQL behind OpenBao's database engine with the role `bench`.
 pub async fn database(bed: &Testbed) -> Postgres {
-    let pg = Postgres::start(bed.dir()).await;
-    pg.database_engine(bed, ROLE, TTL, MAX_TTL).await;
+    let pg = Postgres::start(bed.dir(), "postgres-bench").await;
+    pg.database_engine(bed, &[ROLE]).await;
+    pg.database_role(bed, ROLE, TTL, MAX_TTL).await;
     pg
 }
 
@@ -148,7 +147,7 @@ pub async fn delete_all(
         revocations: requests.len(),
         revocations_failed: responses.iter().filter(|e| e.failed).count(),
         leases_left: leases_listed(bed).await,
-        roles_left: pg.engine_roles().await,
+        roles_left: pg.roles_like("v-%").await,
     }
 }
 

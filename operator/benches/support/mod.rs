@@ -2,7 +2,6 @@
 //! OpenBao's audit log over a window, and a watch that times when every BaoSecret is Ready.
 
 pub mod leases;
-pub mod postgres;
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead as _, BufReader, Read as _, Seek as _, SeekFrom};

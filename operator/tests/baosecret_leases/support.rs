@@ -3,7 +3,6 @@
 //! Deployment-shaped consumer.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -11,197 +10,16 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
-use kubebao_testbed::{Component, Testbed, free_port, wait_for};
+use kubebao_testbed::{Postgres, Testbed, wait_for};
 use reqwest::Method;
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(60);
-/// The PostgreSQL superuser's password (OpenBao's database engine logs in with it).
-pub const PG_PASSWORD: &str = "superuser-pw";
-
-/// PostgreSQL with password (SCRAM) authentication over TCP and trust over its socket, run as
-/// the `postgres` user when the tests run as root.
-pub struct Postgres {
-    _process: Component,
-    /// Its TCP port on 127.0.0.1.
-    pub port: u16,
-    dir: tempfile::TempDir,
-    bin: PathBuf,
-}
-
-pub fn as_postgres(root: bool, program: PathBuf, args: Vec<String>) -> (PathBuf, Vec<String>) {
-    if !root {
-        return (program, args);
-    }
-    let mut a: Vec<String> = [
-        "--reuid=postgres",
-        "--regid=postgres",
-        "--init-groups",
-        "--",
-    ]
-    .map(String::from)
-    .to_vec();
-    a.push(program.display().to_string());
-    a.extend(args);
-    (PathBuf::from("setpriv"), a)
-}
-
-/// PostgreSQL in a directory under `parent` (the test bed's: removed with it).
-pub async fn postgres(parent: &Path) -> Postgres {
-    let bin = ["15", "16", "17"]
-        .iter()
-        .map(|v| PathBuf::from(format!("/usr/lib/postgresql/{v}/bin")))
-        .find(|p| p.join("postgres").exists())
-        .expect(
-            "PostgreSQL is needed for the leased-credentials tests: apt-get install postgresql",
-        );
-    let dir = tempfile::tempdir_in(parent).unwrap();
-    let id = |args: &[&str]| {
-        let out = std::process::Command::new("id")
-            .args(args)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
-    let root = id(&["-u"]) == "0";
-    if root {
-        let (uid, gid) = (id(&["-u", "postgres"]), id(&["-g", "postgres"]));
-        std::os::unix::fs::chown(dir.path(), uid.parse().ok(), gid.parse().ok()).unwrap();
-    }
-    let pwfile = dir.path().join("pw");
-    std::fs::write(&pwfile, PG_PASSWORD).unwrap();
-    let (program, args) = as_postgres(
-        root,
-        bin.join("initdb"),
-        vec![
-            format!("--pgdata={}", dir.path().join("data").display()),
-            "--username=postgres".into(),
-            "--auth-local=trust".into(),
-            "--auth-host=scram-sha-256".into(),
-            format!("--pwfile={}", pwfile.display()),
-            "--encoding=UTF8".into(),
-        ],
-    );
-    let out = std::process::Command::new(&program)
-        .args(&args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "initdb: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let port = free_port();
-    let (program, args) = as_postgres(
-        root,
-        bin.join("postgres"),
-        [
-            "-D",
-            &dir.path().join("data").display().to_string(),
-            "-p",
-            &port.to_string(),
-            "-h",
-            "127.0.0.1",
-            "-k",
-            &dir.path().display().to_string(),
-            "-c",
-            "fsync=off",
-        ]
-        .map(String::from)
-        .to_vec(),
-    );
-    let mut process = Component::start("postgres-leases", dir.path(), &program, &args);
-    wait_for("PostgreSQL to listen", WAIT, || {
-        process.assert_running();
-        async move {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        }
-    })
-    .await;
-    Postgres {
-        _process: process,
-        port,
-        dir,
-        bin,
-    }
-}
-
-impl Postgres {
-    /// Opens a new connection over TCP as `user` with `password` and runs one query.
-    pub async fn connect(&self, user: &str, password: &str) -> Result<(), String> {
-        let out = tokio::process::Command::new(self.bin.join("psql"))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", user])
-            .args(["-d", "postgres", "-tAc", "select 1"])
-            .env("PGPASSWORD", password)
-            .env("PGCONNECT_TIMEOUT", "5")
-            .output()
-            .await
-            .map_err(|e| e.to_string())?;
-        match String::from_utf8_lossy(&out.stdout).trim() {
-            "1" if out.status.success() => Ok(()),
-            _ => Err(String::from_utf8_lossy(&out.stderr).trim().to_string()),
-        }
-    }
-
-    /// True while PostgreSQL has a role named `user` (as the superuser, over the socket).
-    pub async fn role_exists(&self, user: &str) -> bool {
-        let query = format!("select count(*) from pg_roles where rolname = '{user}'");
-        let out = tokio::process::Command::new(self.bin.join("psql"))
-            .args(["-h", &self.dir.path().display().to_string()])
-            .args([
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-            ])
-            .args(["-tAc", &query])
-            .output()
-            .await
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim() == "1"
-    }
-}
-
-/// OpenBao's database engine at `database/`, connected to PostgreSQL as its superuser.
-pub async fn database_engine(bed: &Testbed, port: u16) {
-    let bao = bed.openbao();
-    bao.enable_engine("database", "database", None).await;
-    let url = format!(
-        "postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{port}/postgres?sslmode=disable"
-    );
-    bao.root(
-        Method::POST,
-        "database/config/pg",
-        Some(json!({
-            "plugin_name": "postgresql-database-plugin", "connection_url": url,
-            "username": "postgres", "password": PG_PASSWORD, "allowed_roles": ["*"],
-        })),
-    )
-    .await;
-}
-
-/// A database role `name` whose credentials live `ttl`, renewable up to `max_ttl`.
-pub async fn db_role(bed: &Testbed, name: &str, ttl: &str, max_ttl: &str) {
-    let create =
-        "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';";
-    bed.openbao()
-        .root(
-            Method::POST,
-            &format!("database/roles/{name}"),
-            Some(json!({"db_name": "pg", "creation_statements": [create],
-                        "default_ttl": ttl, "max_ttl": max_ttl})),
-        )
-        .await;
+/// PostgreSQL behind OpenBao's database engine (any database role).
+pub async fn database(bed: &Testbed) -> Postgres {
+    let pg = Postgres::start(bed.dir(), "postgres-leases").await;
+    pg.database_engine(bed, &["*"]).await;
+    pg
 }
 
 /// OpenBao's PKI engine at `pki/` with a root CA and a role `web` for `*.example.com`.
